@@ -1,0 +1,353 @@
+#!/usr/bin/env bash
+# Side-by-side L4 load benchmark: direct vs HAProxy (mode tcp, nbthread 1) vs switchyard.
+# Loopback only. See benches/load/README.md.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+
+DURATION=${DURATION:-10}            # seconds per wrk run
+WARMUP=${WARMUP:-2}                 # seconds of unmeasured wrk warm-up per target (0 = none)
+CONNS=${CONNS:-50}                  # wrk connections
+WRK_THREADS=${WRK_THREADS:-1}
+IPERF_DURATION=${IPERF_DURATION:-$DURATION}
+IDLE_CONNS=${IDLE_CONNS:-5000}
+PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
+LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
+SWITCHYARD_BIN=${SWITCHYARD_BIN:-}  # set to skip `cargo build --release` and use this binary
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- tools
+need=()
+for b in haproxy nginx wrk iperf3 taskset ss python3; do
+    command -v "$b" >/dev/null 2>&1 || need+=("$b")
+done
+if ((${#need[@]})); then
+    pkgs=()
+    for b in "${need[@]}"; do
+        case $b in
+            taskset) pkgs+=(util-linux) ;;
+            ss) pkgs+=(iproute2) ;;
+            *) pkgs+=("$b") ;;
+        esac
+    done
+    log "installing missing: ${pkgs[*]}"
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+# Debian's nginx package may start a system instance; ours is separate (own prefix and port).
+
+if [ -z "$SWITCHYARD_BIN" ]; then
+    log "building switchyard (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    SWITCHYARD_BIN=$ROOT/target/release/switchyard
+fi
+[ -x "$SWITCHYARD_BIN" ] || die "no switchyard binary at $SWITCHYARD_BIN"
+
+# CPU pinning (needs 2 CPUs; otherwise run unpinned and say so)
+ncpu=$(nproc)
+if ((ncpu >= 2)) && ((PROXY_CPU < ncpu)) && ((LOAD_CPU < ncpu)); then
+    PIN_PROXY=(taskset -c "$PROXY_CPU")
+    PIN_LOAD=(taskset -c "$LOAD_CPU")
+    pinning="proxy on CPU $PROXY_CPU, load generator and backends on CPU $LOAD_CPU"
+else
+    PIN_PROXY=()
+    PIN_LOAD=()
+    pinning="unpinned (only $ncpu CPU)"
+fi
+
+# File descriptors: as many as we may have (65536 wanted; the hard limit may be lower).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+# HAProxy needs ~2 fds per connection and refuses to start if maxconn does not fit.
+HAP_MAXCONN=20000
+if ((NOFILE < 2 * HAP_MAXCONN + 200)); then
+    HAP_MAXCONN=$(((NOFILE - 200) / 2))
+    log "fd limit is $NOFILE: HAProxy maxconn lowered to $HAP_MAXCONN"
+fi
+((NOFILE >= 2 * IDLE_CONNS + 200)) || die "fd limit $NOFILE too low for IDLE_CONNS=$IDLE_CONNS"
+
+# ---------------------------------------------------------------- processes
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-load.XXXXXX")
+PIDS=()
+
+alive() { # alive PID : running and not a zombie
+    kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+stop_all() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_all
+    if [ "${KEEP_TMP:-0}" = 1 ] || ((rc != 0)); then
+        log "logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CMD... : run in its own session (so its children can be killed too), log to $TMP/NAME.log
+start() {
+    local name=$1; shift
+    setsid "$@" >"$TMP/$name.log" 2>&1 </dev/null &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# wait_listen PORT PID NAME : poll until something listens on 127.0.0.1:PORT (deadline 30 s)
+wait_listen() {
+    local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 30))
+    until ss -Hltn "sport = :$port" | grep -q .; do
+        alive "$pid" || { tail -n 20 "$TMP/$name.log" >&2; die "$name exited during start-up"; }
+        ((SECONDS < deadline)) || { tail -n 20 "$TMP/$name.log" >&2; die "$name did not listen on :$port within 30 s"; }
+        sleep 0.05
+    done
+}
+
+free_ports() { # free_ports N -> N distinct free TCP ports on 127.0.0.1
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold
+    local kind=$1 port=$2
+    case $kind in
+        nginx)
+            mkdir -p "$TMP/nginx/www" "$TMP/nginx/logs"
+            # 128-byte static body
+            printf '%0127d\n' 0 >"$TMP/nginx/www/index.html"
+            chmod -R a+rX "$TMP"
+            cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/logs/error.log warn;
+worker_rlimit_nofile $NOFILE;
+events { worker_connections 10000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 3600s;
+    client_body_temp_path $TMP/nginx/body;
+    default_type text/html;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        root $TMP/nginx/www;
+        location / { }
+    }
+}
+EOF
+            start nginx "${PIN_LOAD[@]}" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
+            wait_listen "$port" "$LAST_PID" nginx ;;
+        iperf3)
+            start iperf3-server "${PIN_LOAD[@]}" iperf3 -s -p "$port" -B 127.0.0.1
+            wait_listen "$port" "$LAST_PID" iperf3-server ;;
+        hold)
+            start hold "${PIN_LOAD[@]}" python3 "$HERE/idle.py" serve "$port"
+            wait_listen "$port" "$LAST_PID" hold ;;
+    esac
+}
+
+start_haproxy() { # start_haproxy LISTEN_PORT BACKEND_PORT -> HAP_PID
+    cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $HAP_MAXCONN
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:$1
+    default_backend be
+backend be
+    server b1 127.0.0.1:$2
+EOF
+    start haproxy "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy.cfg"
+    HAP_PID=$LAST_PID
+    wait_listen "$1" "$HAP_PID" haproxy
+}
+
+start_switchyard() { # start_switchyard LISTEN_PORT BACKEND_PORT -> SY_PID
+    # Health checks are turned down to one an hour: HAProxy runs without `check`,
+    # and a TCP probe would disturb iperf3's server.
+    cat >"$TMP/switchyard.toml" <<EOF
+[[listener]]
+name = "bench"
+bind = "127.0.0.1:$1"
+algorithm = "roundrobin"
+[listener.health_check]
+interval = "1h"
+[[listener.backend]]
+name = "b1"
+address = "127.0.0.1:$2"
+EOF
+    start switchyard "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$TMP/switchyard.toml"
+    SY_PID=$LAST_PID
+    wait_listen "$1" "$SY_PID" switchyard
+}
+
+# start_proxies BACKEND_PORT -> PORT_direct PORT_haproxy PORT_switchyard
+start_proxies() {
+    local hp sp
+    read -r hp sp < <(free_ports 2)
+    start_haproxy "$hp" "$1"
+    start_switchyard "$sp" "$1"
+    PORT_direct=$1 PORT_haproxy=$hp PORT_switchyard=$sp
+}
+
+# ---------------------------------------------------------------- workloads
+TARGETS=(direct haproxy switchyard)
+declare -A R   # R[metric,target] = value
+
+to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
+        printf "%.3f", n }'
+}
+
+run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...]
+    local key=$1 t=$2 port=$3; shift 3
+    local out=$TMP/wrk-$key-$t.txt
+    if ((WARMUP > 0)); then
+        "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" "$@" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+    fi
+    "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$@" "http://127.0.0.1:$port/" >"$out" 2>&1 || true
+    local rps p99 errs non2xx
+    rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
+    p99=$(awk '$1 == "99%" {print $2}' "$out")
+    errs=$(awk '/Socket errors:/ {gsub(",", ""); print "connect " $4 ", read " $6 ", write " $8 ", timeout " $10}' "$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
+    if [ -z "$rps" ] || [ -z "$p99" ]; then
+        log "wrk $key against $t failed:"; sed 's/^/    /' "$out" >&2
+        R[$key-rps,$t]=err R[$key-p99,$t]=err
+        return
+    fi
+    R[$key-rps,$t]=$rps
+    R[$key-p99,$t]=$(to_ms "$p99")
+    [ -z "$errs" ] || NOTES+=("$key / $t: wrk socket errors: $errs")
+    [ -z "$non2xx" ] || NOTES+=("$key / $t: $non2xx non-2xx responses")
+    log "  $key $t: $rps req/s, p99 $p99"
+}
+
+run_iperf() { # run_iperf TARGET PORT
+    local t=$1 port=$2 out=$TMP/iperf-$1.json
+    "${PIN_LOAD[@]}" iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_DURATION" --connect-timeout 5000 -J >"$out" 2>&1 || true
+    local g
+    g=$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+if "error" in d: sys.exit(d["error"])
+print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"$TMP/iperf-$t.err") || {
+        log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/iperf-$t.err" >&2
+        R[iperf,$t]=err; return; }
+    R[iperf,$t]=$g
+    log "  iperf3 $t: $g Gbit/s"
+}
+
+run_idle() { # run_idle TARGET PORT PID BACKEND_PORT
+    local t=$1 out=$TMP/idle-$1.json
+    if ! "${PIN_LOAD[@]}" python3 "$HERE/idle.py" measure --port "$2" --pid "$3" \
+            --backend-port "$4" -n "$IDLE_CONNS" >"$out" 2>"$TMP/idle-$t.err"; then
+        log "idle connections through $t failed:"; sed 's/^/    /' "$TMP/idle-$t.err" >&2
+        R[idle,$t]=err; return
+    fi
+    R[idle,$t]=$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["kib_per_conn"])' "$out")
+    NOTES+=("idle / $t: $(cat "$out")")
+    log "  idle $t: ${R[idle,$t]} KiB/conn"
+}
+
+NOTES=()
+log "pinning: $pinning; DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS IPERF_DURATION=${IPERF_DURATION}s IDLE_CONNS=$IDLE_CONNS"
+
+# Rows 1-2: nginx backend
+read -r BP < <(free_ports 1)
+start_backend nginx "$BP"
+start_proxies "$BP"
+log "row 1: wrk keep-alive"
+for t in "${TARGETS[@]}"; do p=PORT_$t; run_wrk ka "$t" "${!p}"; done
+log "row 2: wrk Connection: close"
+for t in "${TARGETS[@]}"; do p=PORT_$t; run_wrk close "$t" "${!p}" -H "Connection: close"; done
+stop_all
+
+# Row 3: iperf3 backend
+read -r BP < <(free_ports 1)
+start_backend iperf3 "$BP"
+start_proxies "$BP"
+log "row 3: iperf3"
+for t in "${TARGETS[@]}"; do p=PORT_$t; run_iperf "$t" "${!p}"; done
+stop_all
+
+# Row 4: idle connections, one proxy at a time against a fresh holding backend
+log "row 4: $IDLE_CONNS idle connections"
+R[idle,direct]=n/a
+for t in haproxy switchyard; do
+    read -r BP LP < <(free_ports 2)
+    start_backend hold "$BP"
+    if [ "$t" = haproxy ]; then start_haproxy "$LP" "$BP"; pid=$HAP_PID
+    else start_switchyard "$LP" "$BP"; pid=$SY_PID; fi
+    run_idle "$t" "$LP" "$pid" "$BP"
+    stop_all
+done
+
+# ---------------------------------------------------------------- report
+ratio() { # ratio SWITCHYARD HAPROXY
+    awk -v s="$1" -v h="$2" 'BEGIN {
+        if (s !~ /^[0-9.]+$/ || h !~ /^[0-9.]+$/ || h + 0 == 0) print "n/a"; else printf "%.2f", s / h }'
+}
+fmt() { # fmt VALUE DECIMALS
+    awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^-?[0-9.]+$/) printf "%.*f", d, v; else print v }'
+}
+
+rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
+echo
+echo "## switchyard load benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+echo
+echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
+     "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
+echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; $IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+echo
+echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
+echo "|---|---|---:|---:|---:|---:|"
+row() { # row NUM LABEL KEY DECIMALS
+    local d=${R[$3,direct]} h=${R[$3,haproxy]} s=${R[$3,switchyard]}
+    echo "| $1 | $2 | $(fmt "$d" "$4") | $(fmt "$h" "$4") | $(fmt "$s" "$4") | $(ratio "$s" "$h") |"
+}
+row 1 "keep-alive req/s (higher is better)" ka-rps 0
+row 1 "keep-alive p99 latency ms (lower is better)" ka-p99 2
+row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
+row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
+row 3 "iperf3 throughput Gbit/s (higher is better)" iperf 2
+row 4 "RSS per idle connection KiB (lower is better)" idle 2
+if ((${#NOTES[@]})); then
+    echo
+    echo "Notes:"
+    for n in "${NOTES[@]}"; do echo "- $n"; done
+fi

@@ -1,0 +1,627 @@
+//! The config file: serde types, defaults and validation.
+//!
+//! Loading is two steps. [`RawConfig`] mirrors the TOML exactly
+//! (`deny_unknown_fields`, durations as "2s"); [`Config::from_raw`] then checks
+//! what serde cannot (unique names, sane numbers, addresses that parse or
+//! resolve) and produces the typed [`Config`] the daemon runs on. Every error
+//! carries the *path* of the offending field (`listener[0].backend[1].weight`);
+//! [`load_str`] resolves that path against the parsed document to report the
+//! file, line and column, so an operator can jump straight to the mistake.
+//! `switchyard check` and every (re)load go through [`load_file`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default config path, as systemd units and packages expect it.
+pub const DEFAULT_PATH: &str = "/etc/switchyard/switchyard.toml";
+
+/// HAProxy's weight range; large enough for fine ratios, small enough that a
+/// round-robin cycle (sum of weights) stays a few hundred KiB at 1000 backends.
+pub const MAX_WEIGHT: u32 = 256;
+
+// ---------------------------------------------------------------------------
+// Raw (serde) types: exactly what the file may contain.
+// ---------------------------------------------------------------------------
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub global: RawGlobal,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<RawListener>,
+}
+
+/// `[global]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RawGlobal {
+    fn default() -> Self {
+        RawGlobal {
+            shutdown_timeout: defaults::shutdown_timeout(),
+        }
+    }
+}
+
+/// `[[listener]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub bind: String,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<RawBackend>,
+}
+
+/// `[[listener.backend]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub name: String,
+    pub address: String,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    /// HAProxy's `timeout connect` in CloudStack's generated config is 5s; 3s
+    /// leaves time for a retry inside a typical 10s client connect timeout.
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
+    /// Long enough for idle pooled database connections; short enough that
+    /// abandoned ones do not pile up for days.
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    /// HAProxy's `retries` default is 3 on the same server; 2 attempts on
+    /// other backends cover one dead backend plus one unlucky pick.
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+}
+
+/// How a listener handles the byte stream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plain Layer-4 relay: bytes in, bytes out.
+    #[default]
+    Tcp,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+/// How a listener picks a backend for a new connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Smooth weighted round robin.
+    #[default]
+    Roundrobin,
+    /// Fewest active connections relative to weight.
+    Leastconn,
+    /// Consistent hash of the client IP address.
+    Source,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Roundrobin => "roundrobin",
+            Algorithm::Leastconn => "leastconn",
+            Algorithm::Source => "source",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validated types: what the daemon runs on.
+// ---------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was loaded from (for messages and reloads).
+    pub source: PathBuf,
+    pub shutdown_timeout: Duration,
+    pub listeners: Vec<Arc<ListenerConfig>>,
+}
+
+/// One validated `[[listener]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: Arc<str>,
+    pub bind: SocketAddr,
+    pub mode: Mode,
+    pub algorithm: Algorithm,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Further backends to try after a failed connect.
+    pub retries: u32,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One validated `[[listener.backend]]`, its address resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub name: Arc<str>,
+    /// The address as written (a host name stays visible in status output).
+    pub address: String,
+    /// What `address` resolved to at load time.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// A config problem, located as precisely as the document allows.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {field}{message}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        /// Dotted path of the field, with a trailing ": " when known.
+        field: String,
+        message: String,
+    },
+}
+
+/// A validation failure before it is located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+/// Path of a field in the document: `listener[1].backend[0].weight`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldPath(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(&'static str),
+    Index(usize),
+}
+
+impl FieldPath {
+    fn key(&self, key: &'static str) -> FieldPath {
+        let mut p = self.clone();
+        p.0.push(Segment::Key(key));
+        p
+    }
+    fn item(&self, key: &'static str, index: usize) -> FieldPath {
+        let mut p = self.key(key);
+        p.0.push(Segment::Index(index));
+        p
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => write!(f, "{k}")?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------
+
+/// Read, parse and validate a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_str(&text, path)
+}
+
+/// Parse and validate config text; `path` is used for messages only.
+pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let located = |span: Option<std::ops::Range<usize>>, field: String, message: String| {
+        let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+        ConfigError::Invalid {
+            file: path.to_owned(),
+            line,
+            column,
+            field,
+            message,
+        }
+    };
+    let raw: RawConfig = toml::from_str(text)
+        .map_err(|e| located(e.span(), String::new(), e.message().trim().to_owned()))?;
+    Config::from_raw(raw, path).map_err(|e| {
+        let span = span_of(text, &e.path);
+        located(span, format!("{}: ", e.path), e.message)
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+/// The span of the deepest part of `path` that exists in the document: the
+/// field itself, or the table it is missing from.
+fn span_of(text: &str, path: &FieldPath) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut span = None;
+    let mut table: Option<&toml::de::DeTable<'_>> = Some(doc.get_ref());
+    let mut value: Option<&toml::Spanned<toml::de::DeValue<'_>>> = None;
+    for seg in &path.0 {
+        let next = match (seg, table, value) {
+            (Segment::Key(k), Some(t), _) => t.get(*k),
+            (Segment::Key(k), None, Some(v)) => v.get_ref().get(*k),
+            (Segment::Index(i), _, Some(v)) => v.get_ref().get(*i),
+            _ => None,
+        };
+        let Some(next) = next else { break };
+        span = Some(next.span());
+        table = None;
+        value = Some(next);
+    }
+    span
+}
+
+impl Config {
+    /// Validate raw config; errors name the field by path.
+    pub fn from_raw(raw: RawConfig, source: &Path) -> Result<Config, FieldError> {
+        let root = FieldPath::default();
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let at = root.item("listener", i);
+            check_name(&l.name, &at.key("name"))?;
+            if !names.insert(l.name.clone()) {
+                return Err(err(
+                    at.key("name"),
+                    format!("duplicate listener name `{}`", l.name),
+                ));
+            }
+            let bind: SocketAddr = l.bind.parse().map_err(|_| {
+                err(
+                    at.key("bind"),
+                    format!(
+                        "`{}` is not an IP address and port (\"0.0.0.0:5432\" or \"[::]:5432\")",
+                        l.bind
+                    ),
+                )
+            })?;
+            if bind.port() != 0 && !binds.insert(bind) {
+                return Err(err(
+                    at.key("bind"),
+                    format!("`{bind}` is already bound by another listener"),
+                ));
+            }
+            positive(l.connect_timeout, &at.key("connect_timeout"))?;
+            positive(l.idle_timeout, &at.key("idle_timeout"))?;
+            if l.backends.is_empty() {
+                return Err(err(
+                    at.key("backend"),
+                    format!("listener `{}` needs at least one [[listener.backend]]", l.name),
+                ));
+            }
+            let mut backends = Vec::with_capacity(l.backends.len());
+            let mut bnames = HashSet::new();
+            for (j, b) in l.backends.into_iter().enumerate() {
+                let at = at.item("backend", j);
+                check_name(&b.name, &at.key("name"))?;
+                if !bnames.insert(b.name.clone()) {
+                    return Err(err(
+                        at.key("name"),
+                        format!(
+                            "duplicate backend name `{}` in listener `{}`",
+                            b.name, l.name
+                        ),
+                    ));
+                }
+                if b.weight > MAX_WEIGHT {
+                    return Err(err(
+                        at.key("weight"),
+                        format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+                    ));
+                }
+                let addr = resolve(&b.address).map_err(|m| err(at.key("address"), m))?;
+                backends.push(BackendConfig {
+                    name: b.name.into(),
+                    address: b.address,
+                    addr,
+                    weight: b.weight,
+                });
+            }
+            listeners.push(Arc::new(ListenerConfig {
+                name: l.name.into(),
+                bind,
+                mode: l.mode,
+                algorithm: l.algorithm,
+                connect_timeout: l.connect_timeout,
+                idle_timeout: l.idle_timeout,
+                retries: l.retries,
+                backends,
+            }));
+        }
+        // A zero shutdown_timeout is allowed: it means "do not wait".
+        Ok(Config {
+            source: source.to_owned(),
+            shutdown_timeout: raw.global.shutdown_timeout,
+            listeners,
+        })
+    }
+
+    /// A one-screen summary, printed by `switchyard check`.
+    pub fn summary(&self) -> String {
+        use fmt::Write;
+        let mut s = String::new();
+        for l in &self.listeners {
+            let _ = writeln!(
+                s,
+                "listener {} on {} ({}, {}): {} backend(s)",
+                l.name,
+                l.bind,
+                l.mode.as_str(),
+                l.algorithm.as_str(),
+                l.backends.len()
+            );
+            for b in &l.backends {
+                let _ = writeln!(
+                    s,
+                    "  backend {} {} ({}) weight {}",
+                    b.name, b.address, b.addr, b.weight
+                );
+            }
+        }
+        s
+    }
+}
+
+fn err(path: FieldPath, message: String) -> FieldError {
+    FieldError { path, message }
+}
+
+/// Names appear in metric labels, URLs and cookies: keep them plain.
+fn check_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            at.clone(),
+            format!(
+                "`{name}` is not a valid name (1 to 64 of letters, digits, '-', '_', '.')"
+            ),
+        ))
+    }
+}
+
+fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
+    if d.is_zero() {
+        Err(err(at.clone(), "must be greater than zero".into()))
+    } else {
+        Ok(())
+    }
+}
+
+/// `ip:port`, or `host:port` resolved now (first address wins).
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{address}`: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("`{address}` resolved to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        load_str(text, Path::new("test.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    const GOOD: &str = r#"
+[global]
+shutdown_timeout = "5s"
+
+[[listener]]
+name = "pg"
+bind = "127.0.0.1:5432"
+algorithm = "leastconn"
+connect_timeout = "500ms"
+
+[[listener.backend]]
+name = "pg1"
+address = "127.0.0.1:6001"
+
+[[listener.backend]]
+name = "pg2"
+address = "localhost:6002"
+weight = 3
+
+[[listener]]
+name = "v6"
+bind = "[::1]:8080"
+[[listener.backend]]
+name = "a"
+address = "[::1]:9000"
+"#;
+
+    #[test]
+    fn parses_a_full_config_with_defaults() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.listeners.len(), 2);
+        let pg = &c.listeners[0];
+        assert_eq!(&*pg.name, "pg");
+        assert_eq!(pg.algorithm, Algorithm::Leastconn);
+        assert_eq!(pg.mode, Mode::Tcp);
+        assert_eq!(pg.connect_timeout, Duration::from_millis(500));
+        assert_eq!(pg.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(pg.backends[0].weight, 1);
+        assert_eq!(pg.backends[1].weight, 3);
+        assert_eq!(pg.backends[1].addr.port(), 6002);
+        assert!(pg.backends[1].addr.ip().is_loopback());
+        assert_eq!(c.listeners[1].bind, "[::1]:8080".parse().unwrap());
+        assert_eq!(c.listeners[1].algorithm, Algorithm::Roundrobin);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let e = error("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nbogus = 1\n");
+        assert!(e.starts_with("test.toml:4:1: "), "{e}");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_duration_are_located() {
+        let e = error("[global]\nshutdown_timeout = \"soon\"\n");
+        assert!(e.starts_with("test.toml:2:"), "{e}");
+        let e = error(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nalgorithm = \"random\"\n",
+        );
+        assert!(e.starts_with("test.toml:4:"), "{e}");
+        assert!(e.contains("unknown variant `random`"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field_and_line() {
+        let base = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\nweight = 999\n",
+                "test.toml:7:10: listener[0].backend[0].weight: 999 is out of range",
+                "weight",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:3\"\n",
+                "test.toml:8:8: listener[0].backend[1].name: duplicate backend name `x`",
+                "dup backend",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x y\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].backend[0].name: `x y` is not a valid name",
+                "bad name",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"no-such-host.invalid:2\"\n",
+                "test.toml:6:11: listener[0].backend[0].address: cannot resolve",
+                "unresolvable",
+            ),
+            (
+                "connect_timeout = \"0s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].connect_timeout: must be greater than zero",
+                "zero timeout",
+            ),
+            (
+                "",
+                "test.toml:1:1: listener[0].backend: listener `a` needs at least one",
+                "no backends",
+            ),
+        ];
+        for (tail, want, what) in cases {
+            let e = error(&format!("{base}{tail}"));
+            assert!(e.starts_with(want), "{what}: got {e:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_listener_and_bad_bind() {
+        let one = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n";
+        let e = error(&format!("{one}{one}"));
+        assert!(
+            e.starts_with("test.toml:8:8: listener[1].name: duplicate listener name `a`"),
+            "{e}"
+        );
+        let e = error(&one.replace("127.0.0.1:1", "localhost:1"));
+        assert!(
+            e.starts_with("test.toml:3:8: listener[0].bind: `localhost:1` is not an IP"),
+            "{e}"
+        );
+        let e = error(&format!("{one}{}", one.replace("name = \"a\"", "name = \"b\"")));
+        assert!(
+            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` is already bound"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = error("[[listener]\nname = 1\n");
+        assert!(e.starts_with("test.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

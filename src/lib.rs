@@ -1,0 +1,33 @@
+//! switchyard: a Layer-4 load balancer.
+//!
+//! It fronts TCP services on one address and spreads client connections over
+//! a pool of backends (round robin, least connections or source-IP hash).
+//! The user-facing contract — CLI, config file, signals — is in `SPEC.md`.
+//!
+//! # Layout
+//!
+//! Data path (per connection, lock-free):
+//! - [`proxy`] — accept, pick a backend, connect with retry, relay bytes
+//!   ([`proxy::tcp`] for the connection's life, [`proxy::relay`] for the copy
+//!   loop with pooled buffers and half-close).
+//! - [`balancer`] — the [`balancer::Scheduler`] trait and its algorithms
+//!   (`roundrobin`, `leastconn`, `source`), built into an immutable
+//!   [`balancer::Pool`] snapshot.
+//! - [`backend`] — backend identity and live state (atomic counters) that
+//!   outlives snapshots, keyed by (listener, backend).
+//!
+//! Control plane:
+//! - [`config`] — serde types, defaults and validation with file/line/field
+//!   errors.
+//! - [`server`] — binds listeners, builds and publishes routes, shuts down
+//!   gracefully.
+//! - [`daemon`] — the `run` command: config, server, signals.
+//! - [`sockets`] — every socket option in one place (socket2).
+
+pub mod backend;
+pub mod balancer;
+pub mod config;
+pub mod daemon;
+pub mod proxy;
+pub mod server;
+pub mod sockets;

@@ -1,0 +1,119 @@
+//! TCP mode: the accept loop and one client connection's life.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::Route;
+use super::relay::{self, End, Meter};
+use crate::backend::{ActiveGuard, Backend, BackendState};
+use crate::sockets;
+
+/// Pause after an accept error such as EMFILE: the error persists until some
+/// connection closes, and retrying at once would spin a core. HAProxy and
+/// nginx back off similarly.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What every connection task of the server shares.
+#[derive(Clone, Debug)]
+pub struct ConnContext {
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when open connections must be cut (end of shutdown grace).
+    pub abort: CancellationToken,
+}
+
+/// Accept connections until `stop` is cancelled, each served with the route
+/// current at its accept.
+pub async fn accept_loop(
+    listener: TcpListener,
+    route: Arc<ArcSwap<Route>>,
+    stop: CancellationToken,
+    ctx: ConnContext,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let route = route.load_full();
+                let span = debug_span!("conn", listener = %route.config.name, %peer);
+                let abort = ctx.abort.clone();
+                ctx.tracker
+                    .spawn(serve(stream, peer, route, abort).instrument(span));
+            }
+            Err(e) => {
+                let name = &route.load().config.name;
+                warn!(listener = %name, error = %e, "accept failed");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Serve one client connection to its end.
+async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: CancellationToken) {
+    sockets::tune_stream(&client);
+    let Some((backend, upstream, guard)) = connect_backend(&route, peer).await else {
+        debug!("no backend available; closing");
+        return;
+    };
+    debug!(backend = %backend.name, "connected");
+    let meter = BackendMeter(guard.state());
+    let result = tokio::select! {
+        r = relay::relay(&client, &upstream, route.config.idle_timeout, &meter) => r,
+        () = abort.cancelled() => {
+            debug!("closed by shutdown");
+            return;
+        }
+    };
+    match result {
+        Ok(End::Closed) => debug!("closed"),
+        Ok(End::Idle) => debug!("idle timeout"),
+        Err(e) => debug!(error = %e, "relay ended with error"),
+    }
+}
+
+/// Connect to the first candidate that answers, trying at most
+/// `1 + retries` of them.
+async fn connect_backend(
+    route: &Route,
+    peer: SocketAddr,
+) -> Option<(Arc<Backend>, TcpStream, ActiveGuard)> {
+    let attempts = 1 + route.config.retries as usize;
+    for backend in route.pool.candidates(peer.ip()).take(attempts) {
+        let guard = backend.state.enter();
+        match sockets::connect(backend.addr, route.config.connect_timeout).await {
+            Ok(stream) => return Some((backend.clone(), stream, guard)),
+            Err(e) => {
+                backend.state.record_connect_error();
+                debug!(backend = %backend.name, error = %e, "backend connect failed");
+            }
+        }
+    }
+    None
+}
+
+/// Counts relayed bytes on the backend's live state.
+struct BackendMeter<'a>(&'a BackendState);
+
+impl Meter for BackendMeter<'_> {
+    fn client_to_backend(&self, bytes: u64) {
+        self.0.add_bytes(bytes, 0);
+    }
+    fn backend_to_client(&self, bytes: u64) {
+        self.0.add_bytes(0, bytes);
+    }
+}

@@ -1,0 +1,46 @@
+//! Socket setup in one place, through socket2.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Accept backlog. Linux's default `net.core.somaxconn` since 5.4; the kernel
+/// caps it at that sysctl anyway. HAProxy sizes its backlog the same way.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Bind a listening socket. `SO_REUSEADDR` lets a restarted daemon bind while
+/// old connections sit in TIME_WAIT.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connect to a backend within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    tune_stream(&stream);
+    Ok(stream)
+}
+
+/// Options for an established connection, either side. Best effort: a
+/// failure costs latency, not correctness, so it is logged, not fatal.
+pub fn tune_stream(stream: &TcpStream) {
+    // Relayed writes are already coalesced by the peer; Nagle would only add
+    // a delay to small request/response exchanges (database protocols).
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY failed");
+    }
+}
