@@ -281,8 +281,15 @@ pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
             message,
         }
     };
-    let raw: RawConfig = toml::from_str(text)
-        .map_err(|e| located(e.span(), String::new(), e.message().trim().to_owned()))?;
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        // serde's messages ("invalid value: integer `-1`, expected u32") do
+        // not always say which field: name it from the error's position.
+        let field = e
+            .span()
+            .and_then(|span| path_at(text, span.start))
+            .map_or_else(String::new, |p| format!("{p}: "));
+        located(e.span(), field, e.message().trim().to_owned())
+    })?;
     Config::from_raw(raw, path).map_err(|e| {
         let span = span_of(text, &e.path);
         located(span, format!("{}: ", e.path), e.message)
@@ -318,6 +325,67 @@ fn span_of(text: &str, path: &FieldPath) -> Option<std::ops::Range<usize>> {
         value = Some(next);
     }
     span
+}
+
+/// The path of the deepest key or value that contains byte `offset`.
+fn path_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::DeValue;
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut path = String::new();
+    let mut table = doc.get_ref();
+    'descend: loop {
+        for (key, value) in table.iter() {
+            let in_key = key.span().contains(&offset);
+            // Table values may span only their header: look inside too.
+            if !in_key && !value_contains(value, offset) {
+                continue;
+            }
+            let mut candidate = path.clone();
+            if !candidate.is_empty() {
+                candidate.push('.');
+            }
+            candidate.push_str(key.get_ref());
+            if in_key {
+                return Some(candidate);
+            }
+            match value.get_ref() {
+                DeValue::Table(t) => {
+                    path = candidate;
+                    table = t;
+                    continue 'descend;
+                }
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if !value_contains(item, offset) {
+                            continue;
+                        }
+                        if let DeValue::Table(t) = item.get_ref() {
+                            path = format!("{candidate}[{i}]");
+                            table = t;
+                            continue 'descend;
+                        }
+                        return Some(format!("{candidate}[{i}]"));
+                    }
+                    return Some(candidate);
+                }
+                _ => return Some(candidate),
+            }
+        }
+        return (!path.is_empty()).then_some(path);
+    }
+}
+
+/// Whether a value, or any key or value inside it, contains `offset`.
+fn value_contains(value: &toml::Spanned<toml::de::DeValue<'_>>, offset: usize) -> bool {
+    use toml::de::DeValue;
+    value.span().contains(&offset)
+        || match value.get_ref() {
+            DeValue::Table(t) => t
+                .iter()
+                .any(|(k, v)| k.span().contains(&offset) || value_contains(v, offset)),
+            DeValue::Array(items) => items.iter().any(|item| value_contains(item, offset)),
+            _ => false,
+        }
 }
 
 impl Config {
@@ -356,7 +424,10 @@ impl Config {
             if l.backends.is_empty() {
                 return Err(err(
                     at.key("backend"),
-                    format!("listener `{}` needs at least one [[listener.backend]]", l.name),
+                    format!(
+                        "listener `{}` needs at least one [[listener.backend]]",
+                        l.name
+                    ),
                 ));
             }
             let mut backends = Vec::with_capacity(l.backends.len());
@@ -448,9 +519,7 @@ fn check_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
     } else {
         Err(err(
             at.clone(),
-            format!(
-                "`{name}` is not a valid name (1 to 64 of letters, digits, '-', '_', '.')"
-            ),
+            format!("`{name}` is not a valid name (1 to 64 of letters, digits, '-', '_', '.')"),
         ))
     }
 }
@@ -545,9 +614,8 @@ address = "[::1]:9000"
     fn wrong_type_and_bad_duration_are_located() {
         let e = error("[global]\nshutdown_timeout = \"soon\"\n");
         assert!(e.starts_with("test.toml:2:"), "{e}");
-        let e = error(
-            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nalgorithm = \"random\"\n",
-        );
+        let e =
+            error("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nalgorithm = \"random\"\n");
         assert!(e.starts_with("test.toml:4:"), "{e}");
         assert!(e.contains("unknown variant `random`"), "{e}");
     }
@@ -589,7 +657,10 @@ address = "[::1]:9000"
         ];
         for (tail, want, what) in cases {
             let e = error(&format!("{base}{tail}"));
-            assert!(e.starts_with(want), "{what}: got {e:?}, want prefix {want:?}");
+            assert!(
+                e.starts_with(want),
+                "{what}: got {e:?}, want prefix {want:?}"
+            );
         }
     }
 
@@ -606,9 +677,33 @@ address = "[::1]:9000"
             e.starts_with("test.toml:3:8: listener[0].bind: `localhost:1` is not an IP"),
             "{e}"
         );
-        let e = error(&format!("{one}{}", one.replace("name = \"a\"", "name = \"b\"")));
+        let e = error(&format!(
+            "{one}{}",
+            one.replace("name = \"a\"", "name = \"b\"")
+        ));
         assert!(
             e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` is already bound"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn serde_errors_name_the_field_by_position() {
+        let e = error(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n[[listener.backend]]\nname = \"y\"\naddress = \"127.0.0.1:3\"\nweight = -1\n",
+        );
+        assert!(
+            e.starts_with("test.toml:10:10: listener[0].backend[1].weight: invalid value"),
+            "{e}"
+        );
+        let e = error("[global]\nshutdown_timeout = 5\n");
+        assert!(
+            e.starts_with("test.toml:2:20: global.shutdown_timeout: "),
+            "{e}"
+        );
+        let e = error("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nretries = \"x\"\n");
+        assert!(
+            e.starts_with("test.toml:4:11: listener[0].retries: "),
             "{e}"
         );
     }

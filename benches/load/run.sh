@@ -6,8 +6,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
-DURATION=${DURATION:-10}            # seconds per wrk run
-WARMUP=${WARMUP:-2}                 # seconds of unmeasured wrk warm-up per target (0 = none)
+DURATION=${DURATION:-5}             # seconds per wrk run
+WARMUP=${WARMUP:-1}                 # seconds of unmeasured wrk warm-up before each run (0 = none)
+ROUNDS=${ROUNDS:-3}                 # rows 1-3 run ROUNDS times, targets in rotating order; median reported
 CONNS=${CONNS:-50}                  # wrk connections
 WRK_THREADS=${WRK_THREADS:-1}
 IPERF_DURATION=${IPERF_DURATION:-$DURATION}
@@ -224,7 +225,11 @@ start_proxies() {
 
 # ---------------------------------------------------------------- workloads
 TARGETS=(direct haproxy switchyard)
-declare -A R   # R[metric,target] = value
+declare -A R   # R[metric,target] = values, one per round, space-separated
+add() { R[$1,$2]="${R[$1,$2]:-}${R[$1,$2]:+ }$3"; }
+
+# in_order ROUND -> TARGETS rotated by ROUND (so no target always runs first or last)
+in_order() { local i n=${#TARGETS[@]}; for ((i = 0; i < n; i++)); do echo "${TARGETS[(i + $1) % n]}"; done; }
 
 to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
     awk -v v="$1" 'BEGIN {
@@ -235,7 +240,7 @@ to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
 
 run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...]
     local key=$1 t=$2 port=$3; shift 3
-    local out=$TMP/wrk-$key-$t.txt
+    local out=$TMP/wrk-$key-$t-r$ROUND.txt
     if ((WARMUP > 0)); then
         "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" "$@" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
     fi
@@ -247,18 +252,18 @@ run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...]
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
     if [ -z "$rps" ] || [ -z "$p99" ]; then
         log "wrk $key against $t failed:"; sed 's/^/    /' "$out" >&2
-        R[$key-rps,$t]=err R[$key-p99,$t]=err
+        add "$key-rps" "$t" err; add "$key-p99" "$t" err
         return
     fi
-    R[$key-rps,$t]=$rps
-    R[$key-p99,$t]=$(to_ms "$p99")
-    [ -z "$errs" ] || NOTES+=("$key / $t: wrk socket errors: $errs")
-    [ -z "$non2xx" ] || NOTES+=("$key / $t: $non2xx non-2xx responses")
+    add "$key-rps" "$t" "$rps"
+    add "$key-p99" "$t" "$(to_ms "$p99")"
+    [ -z "$errs" ] || NOTES+=("$key / $t / round $ROUND: wrk socket errors: $errs")
+    [ -z "$non2xx" ] || NOTES+=("$key / $t / round $ROUND: $non2xx non-2xx responses")
     log "  $key $t: $rps req/s, p99 $p99"
 }
 
 run_iperf() { # run_iperf TARGET PORT
-    local t=$1 port=$2 out=$TMP/iperf-$1.json
+    local t=$1 port=$2 out=$TMP/iperf-$1-r$ROUND.json
     "${PIN_LOAD[@]}" iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_DURATION" --connect-timeout 5000 -J >"$out" 2>&1 || true
     local g
     g=$(python3 -c '
@@ -267,8 +272,8 @@ d = json.load(open(sys.argv[1]))
 if "error" in d: sys.exit(d["error"])
 print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"$TMP/iperf-$t.err") || {
         log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/iperf-$t.err" >&2
-        R[iperf,$t]=err; return; }
-    R[iperf,$t]=$g
+        add iperf "$t" err; return; }
+    add iperf "$t" "$g"
     log "  iperf3 $t: $g Gbit/s"
 }
 
@@ -277,7 +282,7 @@ run_idle() { # run_idle TARGET PORT PID BACKEND_PORT
     if ! "${PIN_LOAD[@]}" python3 "$HERE/idle.py" measure --port "$2" --pid "$3" \
             --backend-port "$4" -n "$IDLE_CONNS" >"$out" 2>"$TMP/idle-$t.err"; then
         log "idle connections through $t failed:"; sed 's/^/    /' "$TMP/idle-$t.err" >&2
-        R[idle,$t]=err; return
+        add idle "$t" err; return
     fi
     R[idle,$t]=$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["kib_per_conn"])' "$out")
     NOTES+=("idle / $t: $(cat "$out")")
@@ -285,24 +290,35 @@ run_idle() { # run_idle TARGET PORT PID BACKEND_PORT
 }
 
 NOTES=()
-log "pinning: $pinning; DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS IPERF_DURATION=${IPERF_DURATION}s IDLE_CONNS=$IDLE_CONNS"
+log "pinning: $pinning; ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS IPERF_DURATION=${IPERF_DURATION}s IDLE_CONNS=$IDLE_CONNS"
+LOAD1=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
+    log "warning: load average $LOAD1 before the run: other work on this machine will add noise"
+    NOTES+=("load average before the run was $LOAD1: other work on the machine adds noise")
+fi
 
 # Rows 1-2: nginx backend
 read -r BP < <(free_ports 1)
 start_backend nginx "$BP"
 start_proxies "$BP"
-log "row 1: wrk keep-alive"
-for t in "${TARGETS[@]}"; do p=PORT_$t; run_wrk ka "$t" "${!p}"; done
-log "row 2: wrk Connection: close"
-for t in "${TARGETS[@]}"; do p=PORT_$t; run_wrk close "$t" "${!p}" -H "Connection: close"; done
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    log "row 1: wrk keep-alive (round $ROUND/$ROUNDS)"
+    for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk ka "$t" "${!p}"; done
+done
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    log "row 2: wrk Connection: close (round $ROUND/$ROUNDS)"
+    for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk close "$t" "${!p}" -H "Connection: close"; done
+done
 stop_all
 
 # Row 3: iperf3 backend
 read -r BP < <(free_ports 1)
 start_backend iperf3 "$BP"
 start_proxies "$BP"
-log "row 3: iperf3"
-for t in "${TARGETS[@]}"; do p=PORT_$t; run_iperf "$t" "${!p}"; done
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    log "row 3: iperf3 (round $ROUND/$ROUNDS)"
+    for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf "$t" "${!p}"; done
+done
 stop_all
 
 # Row 4: idle connections, one proxy at a time against a fresh holding backend
@@ -322,6 +338,12 @@ ratio() { # ratio SWITCHYARD HAPROXY
     awk -v s="$1" -v h="$2" 'BEGIN {
         if (s !~ /^[0-9.]+$/ || h !~ /^[0-9.]+$/ || h + 0 == 0) print "n/a"; else printf "%.2f", s / h }'
 }
+median() { # median "v1 v2 ..." -> median of the numeric values; "err"/"n/a" if there is none
+    local nums
+    nums=$(printf '%s\n' $1 | grep -E '^-?[0-9.]+$' | sort -g || true)
+    if [ -z "$nums" ]; then printf '%s\n' ${1:-n/a} | head -n 1; return; fi
+    awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }' <<<"$nums"
+}
 fmt() { # fmt VALUE DECIMALS
     awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^-?[0-9.]+$/) printf "%.*f", d, v; else print v }'
 }
@@ -332,12 +354,14 @@ echo "## switchyard load benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
 echo
 echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
      "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
-echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; $IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3: median of $ROUNDS rounds;"\
+     "$IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
 echo
 echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|"
 row() { # row NUM LABEL KEY DECIMALS
-    local d=${R[$3,direct]} h=${R[$3,haproxy]} s=${R[$3,switchyard]}
+    local d h s
+    d=$(median "${R[$3,direct]:-}"); h=$(median "${R[$3,haproxy]:-}"); s=$(median "${R[$3,switchyard]:-}")
     echo "| $1 | $2 | $(fmt "$d" "$4") | $(fmt "$h" "$4") | $(fmt "$s" "$4") | $(ratio "$s" "$h") |"
 }
 row 1 "keep-alive req/s (higher is better)" ka-rps 0
@@ -346,6 +370,13 @@ row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
 row 3 "iperf3 throughput Gbit/s (higher is better)" iperf 2
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
+if ((ROUNDS > 1)); then
+    echo
+    echo "Per-round values (direct / HAProxy / switchyard):"
+    for k in ka-rps ka-p99 close-rps close-p99 iperf; do
+        echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,switchyard]:-}"
+    done
+fi
 if ((${#NOTES[@]})); then
     echo
     echo "Notes:"

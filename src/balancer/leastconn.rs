@@ -89,7 +89,12 @@ mod tests {
         let mut guards = Vec::new();
         for _ in 0..n {
             let b = pool.candidates(ip).next().unwrap();
-            order.push(pool.backends.iter().position(|x| std::ptr::eq(&**x, &**b)).unwrap());
+            order.push(
+                pool.backends
+                    .iter()
+                    .position(|x| std::ptr::eq(&**x, &**b))
+                    .unwrap(),
+            );
             guards.push(b.state.enter());
         }
         (order, guards)

@@ -173,7 +173,10 @@ pub(crate) mod test_support {
         (0..n)
             .map(|_| {
                 let b = pool.candidates(ip).next().unwrap();
-                pool.backends.iter().position(|x| Arc::ptr_eq(x, b)).unwrap()
+                pool.backends
+                    .iter()
+                    .position(|x| Arc::ptr_eq(x, b))
+                    .unwrap()
             })
             .collect()
     }
@@ -186,7 +189,11 @@ mod tests {
 
     #[test]
     fn candidates_are_unique_and_exhaust_every_algorithm() {
-        for alg in [Algorithm::Roundrobin, Algorithm::Leastconn, Algorithm::Source] {
+        for alg in [
+            Algorithm::Roundrobin,
+            Algorithm::Leastconn,
+            Algorithm::Source,
+        ] {
             let pool = Pool::new(alg, backends(&[1, 2, 0, 3]));
             let ip: IpAddr = "192.0.2.7".parse().unwrap();
             let mut names: Vec<_> = pool.candidates(ip).map(|b| b.name.to_string()).collect();
@@ -198,6 +205,10 @@ mod tests {
     #[test]
     fn zero_weight_only_means_no_candidate() {
         let pool = Pool::new(Algorithm::Roundrobin, backends(&[0, 0]));
-        assert!(pool.candidates("10.0.0.1".parse().unwrap()).next().is_none());
+        assert!(
+            pool.candidates("10.0.0.1".parse().unwrap())
+                .next()
+                .is_none()
+        );
     }
 }

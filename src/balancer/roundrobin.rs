@@ -65,8 +65,8 @@ impl Scheduler for RoundRobin {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::*;
     use super::super::Pool;
+    use super::super::test_support::*;
     use crate::config::Algorithm;
 
     fn pool(weights: &[u32]) -> Pool {

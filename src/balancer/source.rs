@@ -114,7 +114,8 @@ fn best(groups: &[Group], seed: u64) -> usize {
             best = Some((s, h, i));
         }
     }
-    best.map(|(_, _, i)| i).expect("at least one eligible backend")
+    best.map(|(_, _, i)| i)
+        .expect("at least one eligible backend")
 }
 
 /// Weighted rendezvous score: `weight / -ln(u)`, `u` uniform in (0, 1).

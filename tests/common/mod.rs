@@ -1,0 +1,326 @@
+//! Helpers shared by the end-to-end tests: test backends that answer with
+//! their own name, an in-process server, the real daemon binary, and
+//! wait-for-condition with a deadline (never a sleep).
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use switchyard::config;
+use switchyard::server::Server;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Generous: CI machines are small and shared.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Poll `cond` until it holds, failing the test after `DEADLINE`.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        poll.tick().await;
+    }
+}
+
+/// Run `fut` or fail the test after `DEADLINE`.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A backend that writes `"<name>\n"` on every connection, then echoes what
+/// it receives until the client closes.
+pub struct NamedBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    /// Connections currently open.
+    pub open: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl NamedBackend {
+    pub async fn start(name: &str) -> NamedBackend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), name).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, name: &str) -> NamedBackend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (acc, op, greeting) = (accepted.clone(), open.clone(), format!("{name}\n"));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                op.fetch_add(1, Ordering::SeqCst);
+                let (greeting, op) = (greeting.clone(), op.clone());
+                tokio::spawn(async move {
+                    let _ = s.write_all(greeting.as_bytes()).await;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    op.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        NamedBackend {
+            name: name.to_owned(),
+            addr,
+            accepted,
+            open,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Stop listening (new connections are refused).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for NamedBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A client connection that has read the backend's name.
+pub struct Session {
+    pub backend: String,
+    pub stream: TcpStream,
+}
+
+/// Connect through the proxy and read which backend answered.
+pub async fn connect_named(proxy: SocketAddr) -> Session {
+    connect_named_from(proxy, None).await
+}
+
+/// Same, from a chosen local source address (127.0.0.2, …).
+pub async fn connect_named_from(proxy: SocketAddr, source: Option<IpAddr>) -> Session {
+    let stream = connect_from(proxy, source).await;
+    let mut reader = TokioBufReader::new(stream);
+    let mut line = String::new();
+    within("backend greeting", reader.read_line(&mut line))
+        .await
+        .unwrap();
+    assert!(
+        line.ends_with('\n'),
+        "no greeting through the proxy: {line:?}"
+    );
+    line.pop();
+    Session {
+        backend: line,
+        stream: reader.into_inner(),
+    }
+}
+
+pub async fn connect_from(proxy: SocketAddr, source: Option<IpAddr>) -> TcpStream {
+    let socket = if proxy.is_ipv4() {
+        TcpSocket::new_v4().unwrap()
+    } else {
+        TcpSocket::new_v6().unwrap()
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0)).unwrap();
+    }
+    within("connect to proxy", socket.connect(proxy))
+        .await
+        .unwrap()
+}
+
+/// Read until EOF or error; true when the peer closed (EOF or reset).
+pub async fn closed_by_peer(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// A backend entry for a config.
+pub struct B<'a> {
+    pub name: &'a str,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+pub fn b(name: &str, addr: SocketAddr) -> B<'_> {
+    B {
+        name,
+        addr,
+        weight: 1,
+    }
+}
+
+/// Config text for one listener named "l" on 127.0.0.1:0.
+pub fn listener_toml(algorithm: &str, extra: &str, backends: &[B<'_>]) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nalgorithm = \"{algorithm}\"\n{extra}\n"
+    );
+    for b in backends {
+        s += &format!(
+            "[[listener.backend]]\nname = \"{}\"\naddress = \"{}\"\nweight = {}\n",
+            b.name, b.addr, b.weight
+        );
+    }
+    s
+}
+
+/// An in-process server from config text.
+pub async fn start_server(toml: &str) -> Server {
+    let config = config::load_str(toml, Path::new("test.toml")).expect("valid test config");
+    Server::start(config).await.expect("server starts")
+}
+
+/// The daemon binary, running.
+pub struct Daemon {
+    child: Option<Child>,
+    pub pid: u32,
+    /// Listener name → bound address, from the start-up log.
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub stderr: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+impl Daemon {
+    /// Start `switchyard run` on this config and wait until it logs "ready".
+    pub fn start(toml: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchyard.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut listeners = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(DEADLINE)
+                .expect("daemon logged nothing before the deadline");
+            if line.contains(" listening ") {
+                listeners.push((
+                    field(&line, "listener"),
+                    field(&line, "addr").parse().unwrap(),
+                ));
+            }
+            if line.contains(" ready") {
+                break;
+            }
+        }
+        Daemon {
+            pid: child.id(),
+            child: Some(child),
+            listeners,
+            stderr: rx,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener {listener}"))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit and return its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let mut child = self.child.take().expect("waited once");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let Ok(status) = rx.recv_timeout(DEADLINE) else {
+            // Not reaped yet, so the pid is still ours.
+            let _ = Command::new("kill")
+                .args(["-9", &self.pid.to_string()])
+                .status();
+            panic!("daemon did not exit before the deadline");
+        };
+        let status = status.unwrap();
+        status.code().expect("exited by signal")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `key=value` from a text log line.
+fn field(line: &str, key: &str) -> String {
+    let pat = format!("{key}=");
+    let start = line
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + pat.len();
+    line[start..].split_whitespace().next().unwrap().to_owned()
+}
