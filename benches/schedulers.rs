@@ -27,6 +27,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
                 address: addr.clone(),
                 addr: addr.parse().unwrap(),
                 weight: 1 + (i % 3) as u32,
+                backup: false,
                 state,
             })
         })

@@ -7,12 +7,15 @@
 //! same counters. Everything on the connection path is an atomic: no locks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use hashbrown::HashMap;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
+use crate::health::Hysteresis;
 
 /// One backend as the current snapshot sees it.
 #[derive(Debug)]
@@ -23,6 +26,8 @@ pub struct Backend {
     /// Where new connections go.
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Used only while no non-backup backend can take connections.
+    pub backup: bool,
     /// Live state shared with every snapshot that contains this backend.
     pub state: Arc<BackendState>,
 }
@@ -34,18 +39,35 @@ impl Backend {
             address: config.address.clone(),
             addr: config.addr,
             weight: config.weight,
+            backup: config.backup,
             state,
         }
+    }
+
+    /// Whether the scheduler may offer this backend for new connections.
+    pub fn usable(&self) -> bool {
+        self.weight > 0 && self.state.is_up()
     }
 }
 
 /// Counters and status that outlive any one config snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendState {
+    /// Health as the probes last decided. A new backend starts up: it takes
+    /// traffic until probes say otherwise.
+    up: AtomicBool,
+    /// The probes' consecutive-result counters; only the probe task of this
+    /// backend touches it (never the data path).
+    pub(crate) hysteresis: Mutex<Hysteresis>,
+    /// Cancelled (and replaced) when open connections must be cut because
+    /// the backend was marked down with `on_marked_down = "shutdown"`.
+    cut: ArcSwap<CancellationToken>,
+    checks_ok: AtomicU64,
+    checks_failed: AtomicU64,
     /// Connections assigned to this backend and not yet closed (includes the
     /// connect phase, so least-connection sees in-flight work at once).
     active: AtomicU64,
-    /// Connections ever assigned.
+    /// Connections ever established.
     total: AtomicU64,
     /// Failed connect attempts.
     connect_errors: AtomicU64,
@@ -53,12 +75,70 @@ pub struct BackendState {
     bytes_backend_to_client: AtomicU64,
 }
 
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState {
+            up: AtomicBool::new(true),
+            hysteresis: Mutex::default(),
+            cut: ArcSwap::from_pointee(CancellationToken::new()),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            bytes_client_to_backend: AtomicU64::new(0),
+            bytes_backend_to_client: AtomicU64::new(0),
+        }
+    }
+}
+
 impl BackendState {
-    /// Count a new connection; the guard un-counts it when dropped.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+    }
+
+    /// A token cancelled when this backend's open connections must close.
+    pub fn cut_token(&self) -> CancellationToken {
+        (**self.cut.load()).clone()
+    }
+
+    /// Close every connection that holds a [`cut_token`](Self::cut_token)
+    /// taken before now; later connections are unaffected.
+    pub fn cut_connections(&self) {
+        self.cut.swap(Arc::new(CancellationToken::new())).cancel();
+    }
+
+    pub(crate) fn record_check(&self, ok: bool) {
+        let counter = if ok {
+            &self.checks_ok
+        } else {
+            &self.checks_failed
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// (successful, failed) health probes so far.
+    pub fn checks(&self) -> (u64, u64) {
+        (
+            self.checks_ok.load(Relaxed),
+            self.checks_failed.load(Relaxed),
+        )
+    }
+
+    /// Count a connection assigned to this backend (connecting or
+    /// established); the guard un-counts it when dropped.
     pub fn enter(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Relaxed);
-        self.total.fetch_add(1, Relaxed);
         ActiveGuard(self.clone())
+    }
+
+    /// Count a connection whose backend connect succeeded.
+    pub fn record_established(&self) {
+        self.total.fetch_add(1, Relaxed);
     }
 
     pub fn active(&self) -> u64 {
@@ -147,7 +227,9 @@ mod tests {
         let s = Arc::new(BackendState::default());
         let g1 = s.enter();
         let g2 = s.enter();
-        assert_eq!((s.active(), s.total()), (2, 2));
+        assert_eq!((s.active(), s.total()), (2, 0));
+        s.record_established();
+        s.record_established();
         drop(g1);
         assert_eq!((s.active(), s.total()), (1, 2));
         drop(g2);

@@ -71,6 +71,10 @@ pub struct RawListener {
     pub idle_timeout: Duration,
     #[serde(default = "defaults::retries")]
     pub retries: u32,
+    #[serde(default)]
+    pub on_marked_down: OnMarkedDown,
+    #[serde(default)]
+    pub health_check: HealthCheck,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }
@@ -83,6 +87,48 @@ pub struct RawBackend {
     pub address: String,
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    #[serde(default)]
+    pub backup: bool,
+}
+
+/// `[listener.health_check]`: a TCP connect probe per backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Time between the starts of two probes of one backend.
+    #[serde(default = "defaults::check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// A probe fails unless the connection is established within this.
+    #[serde(default = "defaults::check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures that mark an up backend down.
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    /// Consecutive successes that mark a down backend up.
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: defaults::check_interval(),
+            timeout: defaults::check_timeout(),
+            fall: defaults::fall(),
+            rise: defaults::rise(),
+        }
+    }
+}
+
+/// What happens to open connections of a backend marked down.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMarkedDown {
+    /// Leave them; they end when either side closes.
+    #[default]
+    Keep,
+    /// Close them, so clients reconnect to a live backend (database failover).
+    Shutdown,
 }
 
 mod defaults {
@@ -108,6 +154,20 @@ mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+    /// The reference service's health check: TCP connect every 2 s, down
+    /// after 3 failures (HAProxy's `inter 2s fall 3 rise 2`).
+    pub fn check_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn check_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn fall() -> u32 {
+        3
+    }
+    pub fn rise() -> u32 {
+        2
     }
 }
 
@@ -175,6 +235,8 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// Further backends to try after a failed connect.
     pub retries: u32,
+    pub on_marked_down: OnMarkedDown,
+    pub health_check: HealthCheck,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -187,6 +249,8 @@ pub struct BackendConfig {
     /// What `address` resolved to at load time.
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Used only while no non-backup backend is up.
+    pub backup: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -421,6 +485,7 @@ impl Config {
             }
             positive(l.connect_timeout, &at.key("connect_timeout"))?;
             positive(l.idle_timeout, &at.key("idle_timeout"))?;
+            check_health(&l.health_check, &at.key("health_check"))?;
             if l.backends.is_empty() {
                 return Err(err(
                     at.key("backend"),
@@ -456,6 +521,7 @@ impl Config {
                     address: b.address,
                     addr,
                     weight: b.weight,
+                    backup: b.backup,
                 });
             }
             listeners.push(Arc::new(ListenerConfig {
@@ -466,6 +532,8 @@ impl Config {
                 connect_timeout: l.connect_timeout,
                 idle_timeout: l.idle_timeout,
                 retries: l.retries,
+                on_marked_down: l.on_marked_down,
+                health_check: l.health_check,
                 backends,
             }));
         }
@@ -494,8 +562,12 @@ impl Config {
             for b in &l.backends {
                 let _ = writeln!(
                     s,
-                    "  backend {} {} ({}) weight {}",
-                    b.name, b.address, b.addr, b.weight
+                    "  backend {} {} ({}) weight {}{}",
+                    b.name,
+                    b.address,
+                    b.addr,
+                    b.weight,
+                    if b.backup { " backup" } else { "" }
                 );
             }
         }
@@ -522,6 +594,27 @@ fn check_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
             format!("`{name}` is not a valid name (1 to 64 of letters, digits, '-', '_', '.')"),
         ))
     }
+}
+
+fn check_health(h: &HealthCheck, at: &FieldPath) -> Result<(), FieldError> {
+    positive(h.interval, &at.key("interval"))?;
+    positive(h.timeout, &at.key("timeout"))?;
+    if h.timeout > h.interval {
+        return Err(err(
+            at.key("timeout"),
+            format!(
+                "{} is longer than the interval ({}): probes would overlap",
+                humantime::format_duration(h.timeout),
+                humantime::format_duration(h.interval)
+            ),
+        ));
+    }
+    for (value, key) in [(h.fall, "fall"), (h.rise, "rise")] {
+        if value == 0 {
+            return Err(err(at.key(key), "must be at least 1".into()));
+        }
+    }
+    Ok(())
 }
 
 fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
@@ -653,6 +746,31 @@ address = "[::1]:9000"
                 "",
                 "test.toml:1:1: listener[0].backend: listener `a` needs at least one",
                 "no backends",
+            ),
+            (
+                "[listener.health_check]\ninterval = \"0s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:12: listener[0].health_check.interval: must be greater than zero",
+                "zero interval",
+            ),
+            (
+                "[listener.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:11: listener[0].health_check.timeout: 2s is longer than the interval (1s)",
+                "timeout above interval",
+            ),
+            (
+                "[listener.health_check]\nfall = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.fall: must be at least 1",
+                "fall 0",
+            ),
+            (
+                "[listener.health_check]\nrise = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.rise: must be at least 1",
+                "rise 0",
+            ),
+            (
+                "on_marked_down = \"restart\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:18: listener[0].on_marked_down: unknown variant `restart`",
+                "bad on_marked_down",
             ),
         ];
         for (tail, want, what) in cases {

@@ -19,6 +19,8 @@
 //! Control plane:
 //! - [`config`] — serde types, defaults and validation with file/line/field
 //!   errors.
+//! - [`health`] — TCP probes per backend and the rise/fall state machine;
+//!   a flip rebuilds the listener's pool.
 //! - [`server`] — binds listeners, builds and publishes routes, shuts down
 //!   gracefully.
 //! - [`daemon`] — the `run` command: config, server, signals.
@@ -28,6 +30,7 @@ pub mod backend;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod proxy;
 pub mod server;
 pub mod sockets;

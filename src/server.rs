@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendState, Registry};
-use crate::balancer::Pool;
 use crate::config::{Config, ListenerConfig};
+use crate::health::{self, ProbeContext};
 use crate::proxy::Route;
 use crate::proxy::tcp::{self, ConnContext};
 use crate::sockets;
@@ -50,6 +51,16 @@ struct Listener {
     route: Arc<ArcSwap<Route>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// The refresher and the health probes of the listener's backends.
+    control: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        for t in &self.control {
+            t.abort();
+        }
+    }
 }
 
 impl Server {
@@ -77,6 +88,9 @@ impl Server {
         for (config, socket) in bound {
             let local_addr = socket.local_addr().unwrap_or(config.bind);
             let route = Arc::new(ArcSwap::from_pointee(server.build_route(config.clone())));
+            let refresh = Arc::new(Notify::new());
+            let mut control = vec![tokio::spawn(refresher(route.clone(), refresh.clone()))];
+            control.extend(spawn_probes(&route.load(), &refresh));
             let stop = CancellationToken::new();
             let task = tokio::spawn(tcp::accept_loop(
                 socket,
@@ -92,6 +106,7 @@ impl Server {
                     route,
                     stop,
                     task,
+                    control,
                 },
             );
         }
@@ -109,10 +124,7 @@ impl Server {
                 Arc::new(Backend::new(b, state))
             })
             .collect();
-        Route {
-            pool: Pool::new(config.algorithm, backends),
-            config,
-        }
+        Route::new(config, backends)
     }
 
     /// The configuration being served.
@@ -136,6 +148,13 @@ impl Server {
             .map(|b| b.state.clone())
     }
 
+    /// Names of the backends a listener's current pool may offer to new
+    /// connections (up, weight above zero, backups only as stand-ins).
+    pub fn in_rotation(&self, listener: &str) -> Option<Vec<Arc<str>>> {
+        let route = self.listeners.get(listener)?.route.load();
+        Some(route.pool.in_rotation().map(|b| b.name.clone()).collect())
+    }
+
     /// Open client connections.
     pub fn active_connections(&self) -> usize {
         self.ctx.tracker.len()
@@ -147,10 +166,10 @@ impl Server {
         for l in self.listeners.values() {
             l.stop.cancel();
         }
-        for (name, l) in self.listeners.drain() {
+        for (name, mut l) in self.listeners.drain() {
             // The accept task owns the socket: once it has returned, the port
             // refuses new connections.
-            let _ = l.task.await;
+            let _ = (&mut l.task).await;
             info!(listener = %name, "stopped accepting");
         }
         let tracker = self.ctx.tracker.clone();
@@ -167,5 +186,51 @@ impl Server {
         self.ctx.abort.cancel();
         tracker.wait().await;
         cut
+    }
+}
+
+/// One probe task per backend of the route, their first probes spread.
+fn spawn_probes(route: &Route, refresh: &Arc<Notify>) -> Vec<JoinHandle<()>> {
+    let config = &route.config;
+    let count = route.pool.backends.len();
+    route
+        .pool
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, backend)| {
+            let ctx = ProbeContext {
+                listener: config.name.clone(),
+                settings: config.health_check,
+                on_marked_down: config.on_marked_down,
+                first_delay: health::first_delay(i, count, config.health_check.interval),
+            };
+            let refresh = refresh.clone();
+            tokio::spawn(health::run(backend.clone(), ctx, move || {
+                refresh.notify_one()
+            }))
+        })
+        .collect()
+}
+
+/// Rebuild the listener's pool whenever health changes. Flips that arrive
+/// during a rebuild coalesce into one more rebuild; a route replaced
+/// meanwhile (reload) is rebuilt again rather than overwritten.
+async fn refresher(route: Arc<ArcSwap<Route>>, refresh: Arc<Notify>) {
+    loop {
+        refresh.notified().await;
+        loop {
+            let current = route.load_full();
+            let from = current.clone();
+            // Large source-hash pools take milliseconds to rebuild: keep
+            // that off the threads that serve connections.
+            let Ok(next) = tokio::task::spawn_blocking(move || from.rebuilt()).await else {
+                return;
+            };
+            let previous = route.compare_and_swap(&current, Arc::new(next));
+            if Arc::ptr_eq(&*previous, &current) {
+                break;
+            }
+        }
     }
 }

@@ -146,8 +146,8 @@ async fn leastconn_weighted_keeps_proportions() {
     }
     let heavy_count = held.iter().filter(|s| s.backend == "heavy").count();
     assert_eq!(heavy_count, 30);
-    assert_eq!(heavy.open(), 30);
-    assert_eq!(light.open(), 10);
+    assert_eq!(server.backend_state("l", "heavy").unwrap().active(), 30);
+    assert_eq!(server.backend_state("l", "light").unwrap().active(), 10);
 }
 
 /// 127.0.0.2 … 127.0.0.(1+n): distinct loopback sources.

@@ -15,6 +15,7 @@ IPERF_DURATION=${IPERF_DURATION:-$DURATION}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
+ROWS=${ROWS:-1 2 3 4}               # which rows to run
 SWITCHYARD_BIN=${SWITCHYARD_BIN:-}  # set to skip `cargo build --release` and use this binary
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -307,6 +308,7 @@ run_idle() { # run_idle TARGET PORT PID BACKEND_PORT
 }
 
 NOTES=()
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 log "pinning: $pinning; ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS IPERF_DURATION=${IPERF_DURATION}s IDLE_CONNS=$IDLE_CONNS"
 # Is something else using the CPUs? Sample /proc/stat over one second.
 BUSY=$(python3 - <<'EOF'
@@ -323,41 +325,53 @@ if ((BUSY > 15)); then
     NOTES+=("the CPUs were ${BUSY}% busy just before the run: other work on the machine adds noise")
 fi
 
+want() { [[ " $ROWS " == *" $1 "* ]]; }
+
 # Rows 1-2: nginx backend
-read -r BP < <(free_ports 1)
-start_backend nginx "$BP"
-start_proxies "$BP"
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    log "row 1: wrk keep-alive (round $ROUND/$ROUNDS)"
-    for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk ka "$t" "${!p}"; done
-done
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    log "row 2: wrk Connection: close (round $ROUND/$ROUNDS)"
-    for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk close "$t" "${!p}" -H "Connection: close"; done
-done
-stop_all
+if want 1 || want 2; then
+    read -r BP < <(free_ports 1)
+    start_backend nginx "$BP"
+    start_proxies "$BP"
+    if want 1; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 1: wrk keep-alive (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk ka "$t" "${!p}"; done
+        done
+    fi
+    if want 2; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 2: wrk Connection: close (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND"); do p=PORT_$t; run_wrk close "$t" "${!p}" -H "Connection: close"; done
+        done
+    fi
+    stop_all
+fi
 
 # Row 3: iperf3 backend
-read -r BP < <(free_ports 1)
-start_backend iperf3 "$BP"
-start_proxies "$BP"
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    log "row 3: iperf3 (round $ROUND/$ROUNDS)"
-    for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf "$t" "${!p}"; done
-done
-stop_all
+if want 3; then
+    read -r BP < <(free_ports 1)
+    start_backend iperf3 "$BP"
+    start_proxies "$BP"
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        log "row 3: iperf3 (round $ROUND/$ROUNDS)"
+        for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf "$t" "${!p}"; done
+    done
+    stop_all
+fi
 
 # Row 4: idle connections, one proxy at a time against a fresh holding backend
-log "row 4: $IDLE_CONNS idle connections"
-R[idle,direct]=n/a
-for t in haproxy switchyard; do
-    read -r BP LP < <(free_ports 2)
-    start_backend hold "$BP"
-    if [ "$t" = haproxy ]; then start_haproxy "$LP" "$BP"; pid=$HAP_PID
-    else start_switchyard "$LP" "$BP"; pid=$SY_PID; fi
-    run_idle "$t" "$LP" "$pid" "$BP"
-    stop_all
-done
+if want 4; then
+    log "row 4: $IDLE_CONNS idle connections"
+    R[idle,direct]=n/a
+    for t in haproxy switchyard; do
+        read -r BP LP < <(free_ports 2)
+        start_backend hold "$BP"
+        if [ "$t" = haproxy ]; then start_haproxy "$LP" "$BP"; pid=$HAP_PID
+        else start_switchyard "$LP" "$BP"; pid=$SY_PID; fi
+        run_idle "$t" "$LP" "$pid" "$BP"
+        stop_all
+    done
+fi
 
 # ---------------------------------------------------------------- report
 ratio() { # ratio SWITCHYARD HAPROXY
@@ -376,7 +390,7 @@ fmt() { # fmt VALUE DECIMALS
 
 rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
 echo
-echo "## switchyard load benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+echo "## switchyard load benchmark ($STARTED)"
 echo
 echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
      "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
@@ -386,6 +400,7 @@ echo
 echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|"
 row() { # row NUM LABEL KEY DECIMALS
+    want "$1" || return 0
     local d h s
     d=$(median "${R[$3,direct]:-}"); h=$(median "${R[$3,haproxy]:-}"); s=$(median "${R[$3,switchyard]:-}")
     echo "| $1 | $2 | $(fmt "$d" "$4") | $(fmt "$h" "$4") | $(fmt "$s" "$4") | $(ratio "$s" "$h") |"
@@ -400,6 +415,7 @@ if ((ROUNDS > 1)); then
     echo
     echo "Per-round values (direct / HAProxy / switchyard):"
     for k in ka-rps ka-p99 close-rps close-p99 iperf; do
+        [ -n "${R[$k,haproxy]:-}" ] || continue
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,switchyard]:-}"
     done
 fi

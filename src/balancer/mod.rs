@@ -73,16 +73,25 @@ impl Tried {
 pub struct Pool {
     /// Every configured backend, eligible or not, in config order.
     pub backends: Vec<Arc<Backend>>,
+    /// Indices of the backends the scheduler may offer.
+    eligible: Vec<usize>,
     scheduler: Box<dyn Scheduler>,
 }
 
 impl Pool {
     /// Build a pool whose scheduler considers only backends that can take new
-    /// connections (weight above zero).
+    /// connections now: usable ones (weight above zero, up), and among those
+    /// the non-backup ones, or the backups while no non-backup one is usable.
     pub fn new(algorithm: Algorithm, backends: Vec<Arc<Backend>>) -> Pool {
-        let eligible: Vec<usize> = (0..backends.len())
-            .filter(|&i| backends[i].weight > 0)
-            .collect();
+        let usable = |backup: bool| -> Vec<usize> {
+            (0..backends.len())
+                .filter(|&i| backends[i].backup == backup && backends[i].usable())
+                .collect()
+        };
+        let mut eligible = usable(false);
+        if eligible.is_empty() {
+            eligible = usable(true);
+        }
         let scheduler: Box<dyn Scheduler> = if eligible.is_empty() {
             Box::new(NoBackend)
         } else {
@@ -94,8 +103,14 @@ impl Pool {
         };
         Pool {
             backends,
+            eligible,
             scheduler,
         }
+    }
+
+    /// The backends in rotation: those the scheduler may offer.
+    pub fn in_rotation(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.eligible.iter().map(|&i| &self.backends[i])
     }
 
     /// Backends for a new connection from `client`, best first.
@@ -161,6 +176,7 @@ pub(crate) mod test_support {
                     address: format!("127.0.0.1:{}", 10_000 + i),
                     addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
                     weight: w,
+                    backup: false,
                     state: Arc::new(BackendState::default()),
                 })
             })
@@ -200,6 +216,34 @@ mod tests {
             names.sort();
             assert_eq!(names, ["b0", "b1", "b3"], "{alg:?}");
         }
+    }
+
+    #[test]
+    fn down_backends_are_skipped_and_backups_stand_in() {
+        let mut list = backends(&[1, 1, 1]);
+        Arc::get_mut(&mut list[2]).unwrap().backup = true;
+        let names = |pool: &Pool| -> Vec<String> {
+            let mut v: Vec<_> = pool
+                .candidates("10.0.0.1".parse().unwrap())
+                .map(|b| b.name.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let pool = Pool::new(Algorithm::Roundrobin, list.clone());
+        assert_eq!(names(&pool), ["b0", "b1"]);
+        list[0].state.set_up(false);
+        assert_eq!(
+            names(&Pool::new(Algorithm::Roundrobin, list.clone())),
+            ["b1"]
+        );
+        list[1].state.set_up(false);
+        assert_eq!(
+            names(&Pool::new(Algorithm::Leastconn, list.clone())),
+            ["b2"]
+        );
+        list[0].state.set_up(true);
+        assert_eq!(names(&Pool::new(Algorithm::Source, list.clone())), ["b0"]);
     }
 
     #[test]

@@ -16,3 +16,18 @@ pub struct Route {
     pub config: Arc<ListenerConfig>,
     pub pool: Pool,
 }
+
+impl Route {
+    pub fn new(config: Arc<ListenerConfig>, backends: Vec<Arc<crate::backend::Backend>>) -> Route {
+        Route {
+            pool: Pool::new(config.algorithm, backends),
+            config,
+        }
+    }
+
+    /// The same listener and backends, re-scheduled for their current
+    /// health (after a backend went up or down).
+    pub fn rebuilt(&self) -> Route {
+        Route::new(self.config.clone(), self.pool.backends.clone())
+    }
+}

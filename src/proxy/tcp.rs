@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::Route;
 use super::relay::{self, End, Meter};
 use crate::backend::{ActiveGuard, Backend, BackendState};
+use crate::config::OnMarkedDown;
 use crate::sockets;
 
 /// Pause after an accept error such as EMFILE: the error persists until some
@@ -72,10 +73,26 @@ async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Ca
     };
     debug!(backend = %backend.name, "connected");
     let meter = BackendMeter(guard.state());
+    // Only listeners that cut connections of a failed backend pay for the
+    // token.
+    let cut = match route.config.on_marked_down {
+        OnMarkedDown::Shutdown => Some(backend.state.cut_token()),
+        OnMarkedDown::Keep => None,
+    };
+    let backend_down = async {
+        match &cut {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         r = relay::relay(&client, &upstream, route.config.idle_timeout, &meter) => r,
         () = abort.cancelled() => {
             debug!("closed by shutdown");
+            return;
+        }
+        () = backend_down => {
+            debug!("closed: backend marked down");
             return;
         }
     };
@@ -96,7 +113,10 @@ async fn connect_backend(
     for backend in route.pool.candidates(peer.ip()).take(attempts) {
         let guard = backend.state.enter();
         match sockets::connect(backend.addr, route.config.connect_timeout).await {
-            Ok(stream) => return Some((backend.clone(), stream, guard)),
+            Ok(stream) => {
+                backend.state.record_established();
+                return Some((backend.clone(), stream, guard));
+            }
             Err(e) => {
                 backend.state.record_connect_error();
                 debug!(backend = %backend.name, error = %e, "backend connect failed");
