@@ -58,7 +58,7 @@ if ((ncpu >= 2)) && ((PROXY_CPU < ncpu)) && ((LOAD_CPU < ncpu)); then
 else
     PIN_PROXY=()
     PIN_LOAD=()
-    pinning="unpinned (only $ncpu CPU)"
+    pinning="unpinned ($ncpu CPUs; pinning needs 2 and valid PROXY_CPU/LOAD_CPU)"
 fi
 
 # File descriptors: as many as we may have (65536 wanted; the hard limit may be lower).
@@ -411,7 +411,7 @@ row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
 row 3 "iperf3 throughput Gbit/s (higher is better)" iperf 2
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
-if ((ROUNDS > 1)); then
+if ((ROUNDS > 1)) && { want 1 || want 2 || want 3; }; then
     echo
     echo "Per-round values (direct / HAProxy / switchyard):"
     for k in ka-rps ka-p99 close-rps close-p99 iperf; do
