@@ -211,6 +211,15 @@ impl Registry {
             .clone()
     }
 
+    /// Judge a backend's health afresh (its address changed: it is another
+    /// server now). It starts up and unprobed, like a new backend.
+    pub fn reset_health(&mut self, listener: &Arc<str>, backend: &Arc<str>) {
+        if let Some(state) = self.states.get(&(listener.clone(), backend.clone())) {
+            *state.hysteresis.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
+            state.set_up(true);
+        }
+    }
+
     /// Forget backends that are no longer configured. Their connections keep
     /// their own `Arc`s and finish normally.
     pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {

@@ -21,9 +21,11 @@
 //!   errors.
 //! - [`health`] — TCP probes per backend and the rise/fall state machine;
 //!   a flip rebuilds the listener's pool.
-//! - [`server`] — binds listeners, builds and publishes routes, shuts down
-//!   gracefully.
+//! - [`reload`] — the difference between two configs as typed changes.
+//! - [`server`] — binds listeners, builds and publishes routes, applies a
+//!   reload (bind first, then swap), shuts down gracefully.
 //! - [`daemon`] — the `run` command: config, server, signals.
+//! - [`watch`] — `--watch`: reload when the config file changes.
 //! - [`sockets`] — every socket option in one place (socket2).
 
 pub mod backend;
@@ -32,5 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod sockets;
+pub mod watch;

@@ -24,6 +24,9 @@ enum Command {
         /// Config file.
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
+        /// Also reload when the config file changes on disk.
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a config file, print a summary, exit 0 (valid) or 1.
     Check {
@@ -56,7 +59,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => run(RunOptions { config }),
+        Command::Run { config, watch } => run(RunOptions { config, watch }),
     }
 }
 

@@ -1,9 +1,13 @@
 //! The running proxy: listeners, their routes, and the live backend state.
 //!
 //! [`Server`] owns the control-plane side of everything the data path reads:
-//! one accept task and one `ArcSwap<Route>` per listener, and the
-//! [`Registry`] of backend live state. Embedders and tests start it from a
-//! validated [`Config`]; the daemon ([`crate::daemon`]) adds signals on top.
+//! per listener one accept task, one `ArcSwap<Route>`, a refresher that
+//! rebuilds the pool when health changes, and the health probes; plus the
+//! [`Registry`] of backend live state. [`Server::reload`] applies a new
+//! config as a diff: bind what is new first (so a failure changes nothing),
+//! then swap routes, so open connections never notice. Embedders and tests
+//! start it from a validated [`Config`]; the daemon ([`crate::daemon`]) adds
+//! signals and file watching on top.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +27,10 @@ use crate::config::{Config, ListenerConfig};
 use crate::health::{self, ProbeContext};
 use crate::proxy::Route;
 use crate::proxy::tcp::{self, ConnContext};
+use crate::reload::{self, Change};
 use crate::sockets;
 
-/// Why the server could not start.
+/// Why the server could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("listener `{listener}`: cannot bind {addr}: {source}")]
@@ -49,35 +55,55 @@ pub struct Server {
 struct Listener {
     local_addr: SocketAddr,
     route: Arc<ArcSwap<Route>>,
+    /// Wakes the refresher to rebuild the pool (a backend flipped).
+    refresh: Arc<Notify>,
+    accept: Acceptor,
+    refresher: JoinHandle<()>,
+    probes: Vec<JoinHandle<()>>,
+}
+
+/// A running accept loop and the means to stop it.
+#[derive(Debug)]
+struct Acceptor {
     stop: CancellationToken,
     task: JoinHandle<()>,
-    /// The refresher and the health probes of the listener's backends.
-    control: Vec<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    /// Stop accepting and wait until the listening socket is closed.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        for t in &self.control {
-            t.abort();
+        self.accept.stop.cancel();
+        self.refresher.abort();
+        for p in &self.probes {
+            p.abort();
         }
     }
+}
+
+/// What a successful reload did.
+#[derive(Debug, Default)]
+pub struct ReloadSummary {
+    pub changes: Vec<Change>,
 }
 
 impl Server {
     /// Bind every listener, then start serving. If any bind fails, nothing is
     /// left running.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let mut bound = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let socket = sockets::bind_listener(l.bind).map_err(|source| StartError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-            bound.push((l.clone(), socket));
-        }
+        let empty = Config {
+            source: config.source.clone(),
+            shutdown_timeout: config.shutdown_timeout,
+            listeners: Vec::new(),
+        };
         let mut server = Server {
-            config,
+            config: empty,
             registry: Registry::default(),
             listeners: HashMap::new(),
             ctx: ConnContext {
@@ -85,36 +111,120 @@ impl Server {
                 abort: CancellationToken::new(),
             },
         };
-        for (config, socket) in bound {
-            let local_addr = socket.local_addr().unwrap_or(config.bind);
-            let route = Arc::new(ArcSwap::from_pointee(server.build_route(config.clone())));
-            let refresh = Arc::new(Notify::new());
-            let mut control = vec![tokio::spawn(refresher(route.clone(), refresh.clone()))];
-            control.extend(spawn_probes(&route.load(), &refresh));
-            let stop = CancellationToken::new();
-            let task = tokio::spawn(tcp::accept_loop(
-                socket,
-                route.clone(),
-                stop.clone(),
-                server.ctx.clone(),
-            ));
-            info!(listener = %config.name, addr = %local_addr, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
-            server.listeners.insert(
-                config.name.clone(),
-                Listener {
-                    local_addr,
-                    route,
-                    stop,
-                    task,
-                    control,
-                },
-            );
-        }
+        server.reload(config).await?;
         Ok(server)
     }
 
+    /// Apply a new validated config. Sockets for new or moved listeners are
+    /// bound first: if one fails, the running config stays as it was. Open
+    /// connections are never closed: they keep the route they started with.
+    pub async fn reload(&mut self, new: Config) -> Result<ReloadSummary, StartError> {
+        let changes = reload::diff(&self.config, &new);
+        let find = |name: &str| new.listeners.iter().find(|l| &*l.name == name).cloned();
+
+        // 1. Bind everything new before touching anything that runs.
+        let mut sockets = HashMap::new();
+        for change in &changes {
+            let needs_socket = matches!(
+                change,
+                Change::ListenerAdded(_) | Change::ListenerChanged { rebind: true, .. }
+            );
+            if needs_socket {
+                let l = find(change.listener()).expect("diff names new listeners");
+                let socket = sockets::bind_listener(l.bind).map_err(|source| StartError::Bind {
+                    listener: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?;
+                sockets.insert(l.name.clone(), socket);
+            }
+        }
+
+        // 2. Backends whose address changed are new servers: fresh health.
+        for change in &changes {
+            if let Change::BackendChanged {
+                listener,
+                backend,
+                address_changed: true,
+            } = change
+            {
+                self.registry.reset_health(listener, backend);
+            }
+        }
+
+        // 3. Removed listeners stop accepting; their connections run on.
+        for change in &changes {
+            if let Change::ListenerRemoved(name) = change
+                && let Some(mut l) = self.listeners.remove(name)
+            {
+                l.accept.stop().await;
+                info!(listener = %name, "listener removed");
+            }
+        }
+        self.registry.retain(|l, b| {
+            new.listeners
+                .iter()
+                .any(|nl| &*nl.name == l && nl.backends.iter().any(|nb| &*nb.name == b))
+        });
+
+        // 4. Added and changed listeners get their new route (and socket).
+        let touched: Vec<Arc<str>> = {
+            let mut v: Vec<Arc<str>> = changes
+                .iter()
+                .filter(|c| !matches!(c, Change::ListenerRemoved(_)))
+                .map(|c| c.listener().clone())
+                .collect();
+            v.dedup();
+            v
+        };
+        for name in touched {
+            let config = find(&name).expect("touched listeners are in the new config");
+            let route = Arc::new(self.build_route(config.clone()));
+            let socket = sockets.remove(&name);
+            match self.listeners.get_mut(&name) {
+                Some(l) => {
+                    l.route.store(route);
+                    for p in l.probes.drain(..) {
+                        p.abort();
+                    }
+                    l.probes = spawn_probes(&l.route.load(), &l.refresh);
+                    if let Some(socket) = socket {
+                        // The new socket accepts before the old one closes:
+                        // no moment where both refuse.
+                        let addr = socket.local_addr().unwrap_or(config.bind);
+                        let mut old = std::mem::replace(
+                            &mut l.accept,
+                            spawn_acceptor(socket, &l.route, &self.ctx),
+                        );
+                        old.stop().await;
+                        l.local_addr = addr;
+                        info!(listener = %name, addr = %addr, "listening (moved)");
+                    }
+                }
+                None => {
+                    let socket = socket.expect("added listeners were bound");
+                    let local = socket.local_addr().unwrap_or(config.bind);
+                    let route = Arc::new(ArcSwap::new(route));
+                    let refresh = Arc::new(Notify::new());
+                    let listener = Listener {
+                        local_addr: local,
+                        refresher: tokio::spawn(refresher(route.clone(), refresh.clone())),
+                        probes: spawn_probes(&route.load(), &refresh),
+                        accept: spawn_acceptor(socket, &route, &self.ctx),
+                        route,
+                        refresh,
+                    };
+                    info!(listener = %name, addr = %local, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
+                    self.listeners.insert(name.clone(), listener);
+                }
+            }
+        }
+        self.config = new;
+        Ok(ReloadSummary { changes })
+    }
+
     /// A route for `config`, with backend state from the registry (kept
-    /// backends keep their counters).
+    /// backends keep their counters and health).
     fn build_route(&mut self, config: Arc<ListenerConfig>) -> Route {
         let backends = config
             .backends
@@ -164,12 +274,10 @@ impl Server {
     /// then cut the rest. Returns how many were cut.
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         for l in self.listeners.values() {
-            l.stop.cancel();
+            l.accept.stop.cancel();
         }
         for (name, mut l) in self.listeners.drain() {
-            // The accept task owns the socket: once it has returned, the port
-            // refuses new connections.
-            let _ = (&mut l.task).await;
+            l.accept.stop().await;
             info!(listener = %name, "stopped accepting");
         }
         let tracker = self.ctx.tracker.clone();
@@ -187,6 +295,17 @@ impl Server {
         tracker.wait().await;
         cut
     }
+}
+
+fn spawn_acceptor(socket: TcpListener, route: &Arc<ArcSwap<Route>>, ctx: &ConnContext) -> Acceptor {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(tcp::accept_loop(
+        socket,
+        route.clone(),
+        stop.clone(),
+        ctx.clone(),
+    ));
+    Acceptor { stop, task }
 }
 
 /// One probe task per backend of the route, their first probes spread.

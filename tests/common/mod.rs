@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
@@ -211,9 +212,11 @@ pub async fn start_server(toml: &str) -> Server {
 pub struct Daemon {
     child: Option<Child>,
     pub pid: u32,
-    /// Listener name → bound address, from the start-up log.
-    pub listeners: Vec<(String, SocketAddr)>,
-    pub stderr: mpsc::Receiver<String>,
+    /// The config file it runs on.
+    pub path: PathBuf,
+    /// Listener name → bound address, from the log.
+    pub listeners: HashMap<String, SocketAddr>,
+    stderr: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -224,12 +227,18 @@ pub fn binary() -> PathBuf {
 impl Daemon {
     /// Start `switchyard run` on this config and wait until it logs "ready".
     pub fn start(toml: &str) -> Daemon {
+        Self::start_with(toml, &[])
+    }
+
+    /// Same, with extra arguments for `run` (e.g. `--watch`).
+    pub fn start_with(toml: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, toml).unwrap();
         let mut child = Command::new(binary())
             .args(["run", "--config"])
             .arg(&path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -246,36 +255,68 @@ impl Daemon {
                 }
             }
         });
-        let mut listeners = Vec::new();
-        loop {
-            let line = rx
-                .recv_timeout(DEADLINE)
-                .expect("daemon logged nothing before the deadline");
-            if line.contains(" listening ") {
-                listeners.push((
-                    field(&line, "listener"),
-                    field(&line, "addr").parse().unwrap(),
-                ));
-            }
-            if line.contains(" ready") {
-                break;
-            }
-        }
-        Daemon {
+        let mut daemon = Daemon {
             pid: child.id(),
             child: Some(child),
-            listeners,
+            path,
+            listeners: HashMap::new(),
             stderr: rx,
             _dir: dir,
+        };
+        daemon.log_until(|l| l.contains(" ready"));
+        daemon
+    }
+
+    /// Read log lines until one satisfies `pred`, and return it. Listener
+    /// addresses logged on the way are recorded.
+    pub fn log_until(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        loop {
+            let line = self
+                .stderr
+                .recv_timeout(DEADLINE)
+                .expect("expected log line did not come before the deadline");
+            if line.contains(" listening") && line.contains("addr=") {
+                self.listeners.insert(
+                    field(&line, "listener"),
+                    field(&line, "addr").parse().unwrap(),
+                );
+            }
+            if pred(&line) {
+                return line;
+            }
         }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == listener)
-            .map(|(_, a)| *a)
+        *self
+            .listeners
+            .get(listener)
             .unwrap_or_else(|| panic!("no listener {listener}"))
+    }
+
+    /// Write a new config in place.
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(&self.path, toml).unwrap();
+    }
+
+    /// Write a new config the way editors do: a new file renamed over.
+    pub fn replace_config(&self, toml: &str) {
+        let tmp = self.path.with_extension("toml.tmp");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// Wait for the outcome of a reload: true when it was applied.
+    pub fn reload_outcome(&mut self) -> bool {
+        let line =
+            self.log_until(|l| l.contains("configuration reloaded") || l.contains("reload failed"));
+        line.contains("configuration reloaded")
+    }
+
+    /// SIGHUP and wait for the outcome.
+    pub fn reload(&mut self) -> bool {
+        self.signal("HUP");
+        self.reload_outcome()
     }
 
     pub fn signal(&self, sig: &str) {
@@ -303,6 +344,13 @@ impl Daemon {
         };
         let status = status.unwrap();
         status.code().expect("exited by signal")
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 }
 
