@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
 use crate::health::Hysteresis;
+use crate::proxy::tripwire::Tripwire;
 
 /// One backend as the current snapshot sees it.
 #[derive(Debug)]
@@ -59,9 +59,9 @@ pub struct BackendState {
     /// The probes' consecutive-result counters; only the probe task of this
     /// backend touches it (never the data path).
     pub(crate) hysteresis: Mutex<Hysteresis>,
-    /// Cancelled (and replaced) when open connections must be cut because
+    /// Tripped (and replaced) when open connections must be cut because
     /// the backend was marked down with `on_marked_down = "shutdown"`.
-    cut: ArcSwap<CancellationToken>,
+    cut: ArcSwap<Tripwire>,
     checks_ok: AtomicU64,
     checks_failed: AtomicU64,
     /// Connections assigned to this backend and not yet closed (includes the
@@ -80,7 +80,7 @@ impl Default for BackendState {
         BackendState {
             up: AtomicBool::new(true),
             hysteresis: Mutex::default(),
-            cut: ArcSwap::from_pointee(CancellationToken::new()),
+            cut: ArcSwap::from_pointee(Tripwire::new()),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -101,15 +101,15 @@ impl BackendState {
         self.up.store(up, Relaxed);
     }
 
-    /// A token cancelled when this backend's open connections must close.
-    pub fn cut_token(&self) -> CancellationToken {
+    /// A tripwire tripped when this backend's open connections must close.
+    pub fn cut_signal(&self) -> Tripwire {
         (**self.cut.load()).clone()
     }
 
-    /// Close every connection that holds a [`cut_token`](Self::cut_token)
+    /// Close every connection that holds a [`cut_signal`](Self::cut_signal)
     /// taken before now; later connections are unaffected.
     pub fn cut_connections(&self) {
-        self.cut.swap(Arc::new(CancellationToken::new())).cancel();
+        self.cut.swap(Arc::new(Tripwire::new())).trip();
     }
 
     pub(crate) fn record_check(&self, ok: bool) {

@@ -233,7 +233,7 @@ mod tests {
         ));
         // Probed once already and healthy: the full `fall` applies.
         backend.state.hysteresis.lock().unwrap().observe(true, 2, 3);
-        let cut = backend.state.cut_token();
+        let cut = backend.state.cut_signal();
         let flips = Arc::new(AtomicUsize::new(0));
         let f = flips.clone();
         let ctx = ProbeContext {
@@ -254,15 +254,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(backend.state.is_up(), "still up after 2 failures");
-        assert!(!cut.is_cancelled());
+        assert!(!cut.is_tripped());
         while backend.state.checks().1 < 3 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(!backend.state.is_up(), "down after the 3rd failure");
-        assert!(cut.is_cancelled(), "open connections are cut");
+        assert!(cut.is_tripped(), "open connections are cut");
         assert!(
-            !backend.state.cut_token().is_cancelled(),
-            "new token for new connections"
+            !backend.state.cut_signal().is_tripped(),
+            "a fresh signal for new connections"
         );
         assert_eq!(flips.load(Ordering::SeqCst), 1);
         task.abort();

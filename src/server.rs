@@ -18,7 +18,6 @@ use hashbrown::HashMap;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -27,6 +26,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::health::{self, ProbeContext};
 use crate::proxy::Route;
 use crate::proxy::tcp::{self, ConnContext};
+use crate::proxy::tripwire::Tripwire;
 use crate::reload::{self, Change};
 use crate::sockets;
 
@@ -65,21 +65,21 @@ struct Listener {
 /// A running accept loop and the means to stop it.
 #[derive(Debug)]
 struct Acceptor {
-    stop: CancellationToken,
+    stop: Tripwire,
     task: JoinHandle<()>,
 }
 
 impl Acceptor {
     /// Stop accepting and wait until the listening socket is closed.
     async fn stop(&mut self) {
-        self.stop.cancel();
+        self.stop.trip();
         let _ = (&mut self.task).await;
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.accept.stop.cancel();
+        self.accept.stop.trip();
         self.refresher.abort();
         for p in &self.probes {
             p.abort();
@@ -108,7 +108,7 @@ impl Server {
             listeners: HashMap::new(),
             ctx: ConnContext {
                 tracker: TaskTracker::new(),
-                abort: CancellationToken::new(),
+                abort: Tripwire::new(),
             },
         };
         server.reload(config).await?;
@@ -274,7 +274,7 @@ impl Server {
     /// then cut the rest. Returns how many were cut.
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         for l in self.listeners.values() {
-            l.accept.stop.cancel();
+            l.accept.stop.trip();
         }
         for (name, mut l) in self.listeners.drain() {
             l.accept.stop().await;
@@ -291,14 +291,14 @@ impl Server {
         }
         let cut = tracker.len();
         warn!(cut, "shutdown timeout reached; closing open connections");
-        self.ctx.abort.cancel();
+        self.ctx.abort.trip();
         tracker.wait().await;
         cut
     }
 }
 
 fn spawn_acceptor(socket: TcpListener, route: &Arc<ArcSwap<Route>>, ctx: &ConnContext) -> Acceptor {
-    let stop = CancellationToken::new();
+    let stop = Tripwire::new();
     let task = tokio::spawn(tcp::accept_loop(
         socket,
         route.clone(),

@@ -2,6 +2,7 @@
 
 pub mod relay;
 pub mod tcp;
+pub mod tripwire;
 
 use std::sync::Arc;
 

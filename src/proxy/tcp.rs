@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Route;
 use super::relay::{self, End, Meter};
+use super::tripwire::Tripwire;
 use crate::backend::{ActiveGuard, Backend, BackendState};
 use crate::config::OnMarkedDown;
 use crate::sockets;
@@ -26,22 +26,24 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ConnContext {
     /// Tracks connection tasks so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// Cancelled when open connections must be cut (end of shutdown grace).
-    pub abort: CancellationToken,
+    /// Tripped when open connections must be cut (end of shutdown grace).
+    pub abort: Tripwire,
 }
 
-/// Accept connections until `stop` is cancelled, each served with the route
+/// Accept connections until `stop` trips, each served with the route
 /// current at its accept.
 pub async fn accept_loop(
     listener: TcpListener,
     route: Arc<ArcSwap<Route>>,
-    stop: CancellationToken,
+    stop: Tripwire,
     ctx: ConnContext,
 ) {
+    let stopped = stop.tripped();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = &mut stopped => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -56,7 +58,7 @@ pub async fn accept_loop(
                 let name = &route.load().config.name;
                 warn!(listener = %name, error = %e, "accept failed");
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = &mut stopped => return,
                     () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
                 }
             }
@@ -65,7 +67,7 @@ pub async fn accept_loop(
 }
 
 /// Serve one client connection to its end.
-async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: CancellationToken) {
+async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Tripwire) {
     sockets::tune_stream(&client);
     let Some((backend, upstream, guard)) = connect_backend(&route, peer).await else {
         debug!("no backend available; closing");
@@ -73,21 +75,21 @@ async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Ca
     };
     debug!(backend = %backend.name, "connected");
     let meter = BackendMeter(guard.state());
-    // Only listeners that cut connections of a failed backend pay for the
-    // token.
+    // Only listeners that cut connections of a failed backend watch for it.
     let cut = match route.config.on_marked_down {
-        OnMarkedDown::Shutdown => Some(backend.state.cut_token()),
+        OnMarkedDown::Shutdown => Some(backend.state.cut_signal()),
         OnMarkedDown::Keep => None,
     };
     let backend_down = async {
         match &cut {
-            Some(token) => token.cancelled().await,
+            Some(signal) => signal.tripped().await,
             None => std::future::pending().await,
         }
     };
     let result = tokio::select! {
+        biased;
         r = relay::relay(&client, &upstream, route.config.idle_timeout, &meter) => r,
-        () = abort.cancelled() => {
+        () = abort.tripped() => {
             debug!("closed by shutdown");
             return;
         }
@@ -160,7 +162,7 @@ mod tests {
         );
         let cfg = config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
         let route = Arc::new(Route::new(cfg.listeners[0].clone(), vec![]));
-        let conn = serve(client, addr, route, CancellationToken::new());
+        let conn = serve(client, addr, route, Tripwire::new());
         assert!(
             size_of_val(&conn) <= 1024,
             "serve: {} bytes",
