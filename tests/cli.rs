@@ -140,16 +140,3 @@ async fn daemon_proxies_and_stops_cleanly_on_sigterm() {
         0
     );
 }
-
-/// Wait until the proxy port refuses connections.
-async fn wait_for_refused(addr: std::net::SocketAddr) {
-    let start = tokio::time::Instant::now();
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_err() {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "listener still accepting");
-        poll.tick().await;
-    }
-}

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -200,24 +199,7 @@ async fn idle_timeout_closes_a_silent_connection_but_not_a_busy_one() {
 
 #[tokio::test]
 async fn connect_timeout_fires_on_a_backend_that_never_answers() {
-    // A listener with a full accept queue drops further SYNs: connects hang.
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let blackhole = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..2 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(blackhole),
-        )
-        .await
-        {
-            fillers.push(s);
-        }
-    }
+    let (_hole, _fillers, blackhole) = hanging_backend();
     let server = start_server(&listener_toml(
         "roundrobin",
         // The health probe hangs too, for longer than the test: the backend

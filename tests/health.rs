@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -22,16 +21,6 @@ const SLACK: Duration = Duration::from_millis(1500);
 
 /// Checks that never come again after the first (the first is at start-up).
 const RARE: &str = "[listener.health_check]\ninterval = \"1h\"\ntimeout = \"1s\"\n";
-
-async fn names_of(proxy: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for _ in 0..n {
-        *counts
-            .entry(connect_named(proxy).await.backend)
-            .or_default() += 1;
-    }
-    counts
-}
 
 #[tokio::test]
 async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
@@ -62,7 +51,7 @@ async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
     // Down: out of rotation, no new connection is even attempted on b.
     wait_for_rotation(&server, &["a", "c"]).await;
     let errors_before = state.connect_errors();
-    let counts = names_of(proxy, 30).await;
+    let counts = spread(proxy, 30).await;
     assert_eq!(counts, HashMap::from([("a".into(), 15), ("c".into(), 15)]));
     assert_eq!(state.connect_errors(), errors_before);
 
@@ -73,7 +62,7 @@ async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
     assert!(state.checks().0 >= 2, "rise = 2 successes");
     assert_eq!(state.checks().1, failed, "no failure after the restart");
     wait_for_rotation(&server, &["a", "b", "c"]).await;
-    let counts = names_of(proxy, 30).await;
+    let counts = spread(proxy, 30).await;
     assert_eq!(
         counts,
         HashMap::from([("a".into(), 10), ("b".into(), 10), ("c".into(), 10)])
@@ -94,23 +83,6 @@ async fn wait_for_rotation(server: &switchyard::server::Server, names: &[&str]) 
         now == names
     })
     .await;
-}
-
-/// A listener whose accept queue is full: SYNs are dropped, connects hang.
-fn hanging_backend() -> (Socket, Vec<std::net::TcpStream>, SocketAddr) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..2 {
-        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-            fillers.push(s);
-        }
-    }
-    (socket, fillers, addr)
 }
 
 #[tokio::test]
@@ -141,7 +113,7 @@ async fn hanging_backend_goes_down_while_others_keep_their_cadence() {
     );
     // Each hanging probe costs its full timeout: at most one per interval.
     assert!(hole_state.checks().1 <= expected + 1);
-    let counts = names_of(proxy, 10).await;
+    let counts = spread(proxy, 10).await;
     assert_eq!(counts["good"], 10);
 }
 
@@ -166,7 +138,7 @@ async fn retries_hide_a_dead_backend_that_checks_have_not_caught() {
     // Wait until the dead port refuses (the listener task is gone).
     wait_for_refused(dead_addr(&server)).await;
 
-    let counts = names_of(proxy, 300).await;
+    let counts = spread(proxy, 300).await;
     assert_eq!(
         counts.values().sum::<usize>(),
         300,
@@ -184,15 +156,6 @@ async fn retries_hide_a_dead_backend_that_checks_have_not_caught() {
 
 fn dead_addr(server: &switchyard::server::Server) -> SocketAddr {
     server.config().listeners[0].backends[1].addr
-}
-
-async fn wait_for_refused(addr: SocketAddr) {
-    let start = Instant::now();
-    let mut poll = tokio::time::interval(Duration::from_millis(10));
-    while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(start.elapsed() < DEADLINE, "{addr} still accepts");
-        poll.tick().await;
-    }
 }
 
 #[tokio::test]
@@ -246,7 +209,7 @@ async fn backup_serves_only_while_the_primary_is_down() {
     let server = start_server(&toml).await;
     let proxy = server.local_addr("l").unwrap();
     assert_eq!(
-        names_of(proxy, 5).await,
+        spread(proxy, 5).await,
         HashMap::from([("primary".into(), 5)])
     );
 
@@ -255,14 +218,14 @@ async fn backup_serves_only_while_the_primary_is_down() {
     drop(primary);
     wait_for("primary down", || !p_state.is_up()).await;
     wait_for_rotation(&server, &["standby"]).await;
-    let mut served = names_of(proxy, 10).await;
+    let mut served = spread(proxy, 10).await;
     assert_eq!(served.remove("standby"), Some(10), "{served:?}");
 
     let _primary = NamedBackend::start_on(p_addr, "primary").await;
     wait_for("primary up", || p_state.is_up()).await;
     wait_for_rotation(&server, &["primary"]).await;
     assert_eq!(
-        names_of(proxy, 10).await,
+        spread(proxy, 10).await,
         HashMap::from([("primary".into(), 10)])
     );
 }

@@ -15,16 +15,6 @@ use switchyard::config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::block_in_place;
 
-async fn counts(proxy: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for _ in 0..n {
-        *counts
-            .entry(connect_named(proxy).await.backend)
-            .or_default() += 1;
-    }
-    counts
-}
-
 fn map(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
@@ -37,7 +27,7 @@ async fn sighup_adds_a_backend() {
     );
     let mut d = Daemon::start(&listener_toml("roundrobin", "", &[b("a", a.addr)]));
     let proxy = d.addr("l");
-    assert_eq!(counts(proxy, 4).await, map(&[("a", 4)]));
+    assert_eq!(spread(proxy, 4).await, map(&[("a", 4)]));
     d.write_config(&listener_toml(
         "roundrobin",
         "",
@@ -45,7 +35,7 @@ async fn sighup_adds_a_backend() {
     ));
     assert!(block_in_place(|| d.reload()));
     assert_eq!(d.addr("l"), proxy, "same socket");
-    assert_eq!(counts(proxy, 10).await, map(&[("a", 5), ("b", 5)]));
+    assert_eq!(spread(proxy, 10).await, map(&[("a", 5), ("b", 5)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +67,7 @@ async fn removed_backend_keeps_streaming_to_the_end() {
             d.write_config(&listener_toml("roundrobin", "", &[b("b", b_.addr)]));
             assert!(block_in_place(|| d.reload()));
             // New connections no longer reach `a`.
-            assert_eq!(counts(proxy, 3).await, map(&[("b", 3)]));
+            assert_eq!(spread(proxy, 3).await, map(&[("b", 3)]));
         }
         w.write_all(&chunk).await.unwrap();
         sent.update(&chunk);
@@ -120,7 +110,7 @@ async fn invalid_config_changes_nothing_and_is_reported() {
     assert!(!block_in_place(|| d.reload()));
 
     // Old behaviour unchanged: both backends, same socket, open session alive.
-    assert_eq!(counts(proxy, 4).await.len(), 2);
+    assert_eq!(spread(proxy, 4).await.len(), 2);
     open.stream.write_all(b"ok?").await.unwrap();
     let mut echo = [0u8; 3];
     open.stream.read_exact(&mut echo).await.unwrap();
@@ -128,7 +118,7 @@ async fn invalid_config_changes_nothing_and_is_reported() {
     // And a good file applies again.
     d.write_config(&listener_toml("roundrobin", "", &[b("b", b_.addr)]));
     assert!(block_in_place(|| d.reload()));
-    assert_eq!(counts(proxy, 3).await, map(&[("b", 3)]));
+    assert_eq!(spread(proxy, 3).await, map(&[("b", 3)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,19 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use common::*;
-
-/// Count, per backend name, where `n` sequential connections went.
-async fn spread(proxy: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for _ in 0..n {
-        let s = connect_named(proxy).await;
-        *counts.entry(s.backend).or_default() += 1;
-    }
-    counts
-}
 
 #[tokio::test]
 async fn roundrobin_equal_weights_exact_thirds() {

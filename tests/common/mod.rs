@@ -162,6 +162,46 @@ pub async fn connect_from(proxy: SocketAddr, source: Option<IpAddr>) -> TcpStrea
         .unwrap()
 }
 
+/// Where `n` sequential connections went: backend name → count.
+pub async fn spread(proxy: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts
+            .entry(connect_named(proxy).await.backend)
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Wait until `addr` refuses connections.
+pub async fn wait_for_refused(addr: SocketAddr) {
+    let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(start.elapsed() < DEADLINE, "{addr} still accepts");
+        poll.tick().await;
+    }
+}
+
+/// A backend that never answers: a listener whose accept queue is full, so
+/// the kernel drops further SYNs and connects hang. Keep all three values
+/// alive for as long as the hole is needed.
+pub fn hanging_backend() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let fillers = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    (socket, fillers, addr)
+}
+
 /// Read until EOF or error; true when the peer closed (EOF or reset).
 pub async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 1024];
