@@ -7,15 +7,20 @@
 //! same counters. Everything on the connection path is an atomic: no locks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 
 use crate::config::BackendConfig;
 use crate::health::Hysteresis;
+use crate::metrics::{BackendMetrics, Metrics};
 use crate::proxy::tripwire::Tripwire;
+
+/// (listener name, backend name): how live state is found across reloads.
+pub type BackendKey = (Arc<str>, Arc<str>);
 
 /// One backend as the current snapshot sees it.
 #[derive(Debug)]
@@ -44,9 +49,41 @@ impl Backend {
         }
     }
 
-    /// Whether the scheduler may offer this backend for new connections.
+    /// Whether the scheduler may offer this backend for new connections:
+    /// weight above zero, up, and not drained or in maintenance.
     pub fn usable(&self) -> bool {
-        self.weight > 0 && self.state.is_up()
+        self.weight > 0 && self.state.is_up() && self.state.admin_state() == AdminState::Ready
+    }
+}
+
+/// An operator's say on a backend, kept apart from health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    /// Takes connections as health allows.
+    Ready = 0,
+    /// No new connections, except requests that are sticky to it.
+    Drain = 1,
+    /// No new connections at all.
+    Maint = 2,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AdminState> {
+        match s {
+            "ready" => Some(AdminState::Ready),
+            "drain" => Some(AdminState::Drain),
+            "maint" => Some(AdminState::Maint),
+            _ => None,
+        }
     }
 }
 
@@ -56,49 +93,56 @@ pub struct BackendState {
     /// Health as the probes last decided. A new backend starts up: it takes
     /// traffic until probes say otherwise.
     up: AtomicBool,
+    /// [`AdminState`] as a number; survives reloads, not restarts.
+    admin: AtomicU8,
     /// The probes' consecutive-result counters; only the probe task of this
     /// backend touches it (never the data path).
     pub(crate) hysteresis: Mutex<Hysteresis>,
     /// Tripped (and replaced) when open connections must be cut because
     /// the backend was marked down with `on_marked_down = "shutdown"`.
     cut: ArcSwap<Tripwire>,
-    checks_ok: AtomicU64,
-    checks_failed: AtomicU64,
-    /// Connections assigned to this backend and not yet closed (includes the
-    /// connect phase, so least-connection sees in-flight work at once).
-    active: AtomicU64,
-    /// Connections ever established.
-    total: AtomicU64,
-    /// Failed connect attempts.
-    connect_errors: AtomicU64,
-    bytes_client_to_backend: AtomicU64,
-    bytes_backend_to_client: AtomicU64,
+    /// Counters, exported as they are: the metrics are the live state.
+    pub metrics: Arc<BackendMetrics>,
 }
 
 impl Default for BackendState {
+    /// State whose metrics are registered nowhere (tests, benchmarks).
     fn default() -> Self {
-        BackendState {
-            up: AtomicBool::new(true),
-            hysteresis: Mutex::default(),
-            cut: ArcSwap::from_pointee(Tripwire::new()),
-            checks_ok: AtomicU64::new(0),
-            checks_failed: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            connect_errors: AtomicU64::new(0),
-            bytes_client_to_backend: AtomicU64::new(0),
-            bytes_backend_to_client: AtomicU64::new(0),
-        }
+        BackendState::new(Arc::new(BackendMetrics::detached()))
     }
 }
 
 impl BackendState {
+    pub fn new(metrics: Arc<BackendMetrics>) -> BackendState {
+        metrics.up.set(1);
+        BackendState {
+            up: AtomicBool::new(true),
+            admin: AtomicU8::new(AdminState::Ready as u8),
+            hysteresis: Mutex::default(),
+            cut: ArcSwap::from_pointee(Tripwire::new()),
+            metrics,
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
     }
 
     pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Relaxed);
+        self.metrics.up.set(i64::from(up));
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Relaxed) {
+            0 => AdminState::Ready,
+            1 => AdminState::Drain,
+            _ => AdminState::Maint,
+        }
+    }
+
+    pub fn set_admin_state(&self, state: AdminState) {
+        self.admin.store(state as u8, Relaxed);
     }
 
     /// A tripwire tripped when this backend's open connections must close.
@@ -112,67 +156,54 @@ impl BackendState {
         self.cut.swap(Arc::new(Tripwire::new())).trip();
     }
 
-    pub(crate) fn record_check(&self, ok: bool) {
-        let counter = if ok {
-            &self.checks_ok
-        } else {
-            &self.checks_failed
-        };
-        counter.fetch_add(1, Relaxed);
+    pub(crate) fn record_check(&self, ok: bool, took: Duration) {
+        let m = &self.metrics;
+        if ok { &m.checks_ok } else { &m.checks_failed }.inc();
+        m.check_duration.observe(took.as_secs_f64());
     }
 
     /// (successful, failed) health probes so far.
     pub fn checks(&self) -> (u64, u64) {
         (
-            self.checks_ok.load(Relaxed),
-            self.checks_failed.load(Relaxed),
+            self.metrics.checks_ok.get(),
+            self.metrics.checks_failed.get(),
         )
     }
 
     /// Count a connection assigned to this backend (connecting or
     /// established); the guard un-counts it when dropped.
     pub fn enter(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Relaxed);
+        self.metrics.active.inc();
         ActiveGuard(self.clone())
     }
 
     /// Count a connection whose backend connect succeeded.
     pub fn record_established(&self) {
-        self.total.fetch_add(1, Relaxed);
+        self.metrics.connections.inc();
     }
 
     pub fn active(&self) -> u64 {
-        self.active.load(Relaxed)
+        self.metrics.active.get().max(0) as u64
     }
 
+    /// Connections established so far.
     pub fn total(&self) -> u64 {
-        self.total.load(Relaxed)
+        self.metrics.connections.get()
     }
 
     pub fn connect_errors(&self) -> u64 {
-        self.connect_errors.load(Relaxed)
+        self.metrics.connect_errors.get()
     }
 
     pub fn record_connect_error(&self) {
-        self.connect_errors.fetch_add(1, Relaxed);
-    }
-
-    pub fn add_bytes(&self, client_to_backend: u64, backend_to_client: u64) {
-        if client_to_backend > 0 {
-            self.bytes_client_to_backend
-                .fetch_add(client_to_backend, Relaxed);
-        }
-        if backend_to_client > 0 {
-            self.bytes_backend_to_client
-                .fetch_add(backend_to_client, Relaxed);
-        }
+        self.metrics.connect_errors.inc();
     }
 
     /// (client→backend, backend→client) bytes relayed so far.
     pub fn bytes(&self) -> (u64, u64) {
         (
-            self.bytes_client_to_backend.load(Relaxed),
-            self.bytes_backend_to_client.load(Relaxed),
+            self.metrics.bytes_client_to_backend.get(),
+            self.metrics.bytes_backend_to_client.get(),
         )
     }
 }
@@ -189,7 +220,7 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
+        self.0.metrics.active.dec();
     }
 }
 
@@ -197,17 +228,25 @@ impl Drop for ActiveGuard {
 ///
 /// Only the control plane touches the map (at start and reload); the data path
 /// holds the `Arc`s it was handed in a snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
-    states: HashMap<(Arc<str>, Arc<str>), Arc<BackendState>>,
+    metrics: Arc<Metrics>,
+    states: HashMap<BackendKey, Arc<BackendState>>,
 }
 
 impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            metrics,
+            states: HashMap::new(),
+        }
+    }
+
     /// The state for (listener, backend), created fresh if it is new.
     pub fn state(&mut self, listener: &Arc<str>, backend: &Arc<str>) -> Arc<BackendState> {
         self.states
             .entry((listener.clone(), backend.clone()))
-            .or_default()
+            .or_insert_with(|| Arc::new(BackendState::new(self.metrics.backend(listener, backend))))
             .clone()
     }
 
@@ -247,7 +286,7 @@ mod tests {
 
     #[test]
     fn registry_hands_out_the_same_state_for_the_same_key() {
-        let mut r = Registry::default();
+        let mut r = Registry::new(Metrics::new());
         let (l, b): (Arc<str>, Arc<str>) = ("pg".into(), "pg1".into());
         let a = r.state(&l, &b);
         let again = r.state(&l, &b);

@@ -35,6 +35,7 @@ pub const MAX_WEIGHT: u32 = 256;
 pub struct RawConfig {
     #[serde(default)]
     pub global: RawGlobal,
+    pub admin: Option<RawAdmin>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<RawListener>,
 }
@@ -53,6 +54,15 @@ impl Default for RawGlobal {
             shutdown_timeout: defaults::shutdown_timeout(),
         }
     }
+}
+
+/// `[admin]`: the metrics and admin API endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "defaults::admin_bind")]
+    pub bind: String,
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[[listener]]`
@@ -134,6 +144,10 @@ pub enum OnMarkedDown {
 mod defaults {
     use std::time::Duration;
 
+    /// An operator interface: loopback unless the operator says otherwise.
+    pub fn admin_bind() -> String {
+        "127.0.0.1:9900".into()
+    }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -221,7 +235,36 @@ pub struct Config {
     /// Where it was loaded from (for messages and reloads).
     pub source: PathBuf,
     pub shutdown_timeout: Duration,
+    /// The admin endpoint; `None` when the `[admin]` table is absent.
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<Arc<ListenerConfig>>,
+}
+
+/// A validated `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` for state changes.
+    pub token: Option<Secret>,
+}
+
+/// A secret read from a file: never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Whether `presented` is the secret, in time independent of where the
+    /// two differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// One validated `[[listener]]`.
@@ -537,10 +580,31 @@ impl Config {
                 backends,
             }));
         }
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                let at = root.key("admin");
+                let bind = a.bind.parse().map_err(|_| {
+                    err(
+                        at.key("bind"),
+                        format!(
+                            "`{}` is not an IP address and port (\"127.0.0.1:9900\")",
+                            a.bind
+                        ),
+                    )
+                })?;
+                let token = match &a.token_file {
+                    None => None,
+                    Some(file) => Some(read_token(file).map_err(|m| err(at.key("token_file"), m))?),
+                };
+                Some(AdminConfig { bind, token })
+            }
+        };
         // A zero shutdown_timeout is allowed: it means "do not wait".
         Ok(Config {
             source: source.to_owned(),
             shutdown_timeout: raw.global.shutdown_timeout,
+            admin,
             listeners,
         })
     }
@@ -549,6 +613,18 @@ impl Config {
     pub fn summary(&self) -> String {
         use fmt::Write;
         let mut s = String::new();
+        if let Some(a) = &self.admin {
+            let _ = writeln!(
+                s,
+                "admin on {}{}",
+                a.bind,
+                if a.token.is_some() {
+                    " (token required for changes)"
+                } else {
+                    ""
+                }
+            );
+        }
         for l in &self.listeners {
             let _ = writeln!(
                 s,
@@ -623,6 +699,17 @@ fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
     } else {
         Ok(())
     }
+}
+
+/// The admin token: the file's content without surrounding white space.
+fn read_token(file: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", file.display()));
+    }
+    Ok(Secret(token.to_owned()))
 }
 
 /// `ip:port`, or `host:port` resolved now (first address wins).
@@ -824,6 +911,38 @@ address = "[::1]:9000"
             e.starts_with("test.toml:4:11: listener[0].retries: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_table_and_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let c = load(&format!("[admin]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.bind, "127.0.0.1:9900".parse().unwrap());
+        let secret = admin.token.unwrap();
+        assert!(secret.matches(b"s3cret"));
+        assert!(!secret.matches(b"s3cre"));
+        assert!(!format!("{secret:?}").contains("s3cret"));
+        assert!(load("").unwrap().admin.is_none());
+
+        std::fs::write(&token, " \n").unwrap();
+        let e = error(&format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ));
+        assert!(
+            e.starts_with("test.toml:3:14: admin.token_file: token file"),
+            "{e}"
+        );
+        let e = error("[admin]\nbind = \"localhost\"\n");
+        assert!(
+            e.starts_with("test.toml:2:8: admin.bind: `localhost` is not"),
+            "{e}"
+        );
+        let e = error("[admin]\nport = 1\n");
+        assert!(e.contains("unknown field `port`"), "{e}");
     }
 
     #[test]

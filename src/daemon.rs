@@ -1,11 +1,14 @@
 //! The daemon: load the config, start the server, react to signals and
 //! (with `--watch`) to changes of the config file.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
 use crate::server::{Server, StartError};
 use crate::watch::ConfigWatcher;
@@ -20,6 +23,12 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("admin endpoint: cannot bind {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot watch {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -33,7 +42,10 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Config(_) => 1,
-            RunError::Start(_) | RunError::Signal(_) | RunError::Watch { .. } => 2,
+            RunError::Start(_)
+            | RunError::Signal(_)
+            | RunError::Admin { .. }
+            | RunError::Watch { .. } => 2,
         }
     }
 }
@@ -65,8 +77,25 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         ),
         false => None,
     };
-    let mut server = Server::start(config).await?;
+    // The admin endpoint comes up first, so /healthz answers and /readyz
+    // says 503 while listeners are being bound.
+    let mut server = Server::new();
+    let token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let admin_ctx = AdminContext::new(server.directory(), server.metrics().clone(), token);
+    let admin = match &config.admin {
+        Some(a) => Some(start_admin(a.bind, &admin_ctx)?),
+        None => None,
+    };
+    server.reload(config).await?;
+    server.metrics().record_reload(true);
+    admin_ctx.set_ready(true);
     info!(config = %options.config.display(), watch = options.watch, "ready");
+    let mut daemon = Daemon {
+        server,
+        admin_ctx,
+        admin,
+        path: options.config.clone(),
+    };
 
     loop {
         let file_changed = async {
@@ -78,12 +107,15 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         tokio::select! {
             _ = sigterm.recv() => { info!(signal = "SIGTERM", "stopping"); break }
             _ = sigint.recv() => { info!(signal = "SIGINT", "stopping"); break }
-            _ = sighup.recv() => { reload(&mut server, &options.config, "SIGHUP").await; }
-            () = file_changed => { reload(&mut server, &options.config, "file change").await; }
+            _ = sighup.recv() => { daemon.reload("SIGHUP").await; }
+            () = file_changed => { daemon.reload("file change").await; }
         }
     }
-    let grace = server.config().shutdown_timeout;
-    let stop = server.shutdown(grace);
+    // Not ready from the first moment of shutdown: load balancers in front
+    // (keepalived, a cloud LB) stop sending before listeners close.
+    daemon.admin_ctx.set_ready(false);
+    let grace = daemon.server.config().shutdown_timeout;
+    let stop = daemon.server.shutdown(grace);
     tokio::pin!(stop);
     tokio::select! {
         _ = &mut stop => {}
@@ -91,37 +123,87 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         _ = sigterm.recv() => warn!("second signal; exiting at once"),
         _ = sigint.recv() => warn!("second signal; exiting at once"),
     }
+    if let Some(admin) = daemon.admin {
+        admin.stop().await;
+    }
     info!("stopped");
     Ok(())
 }
 
-/// Load, validate and apply the file; on any error the running config stays.
-/// Returns whether the new config is now in effect.
-pub async fn reload(server: &mut Server, path: &Path, trigger: &str) -> bool {
-    info!(trigger, "reloading configuration");
-    let file = path.to_owned();
-    // Loading resolves host names: keep that off the serving threads.
-    let loaded = tokio::task::spawn_blocking(move || config::load_file(&file))
-        .await
-        .expect("config loading does not panic");
-    let config = match loaded {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "reload failed; the running configuration stays");
-            return false;
-        }
-    };
-    match server.reload(config).await {
-        Ok(summary) => {
-            for change in &summary.changes {
-                info!(listener = %change.listener(), ?change, "config change");
+fn start_admin(bind: SocketAddr, ctx: &Arc<AdminContext>) -> Result<AdminServer, RunError> {
+    AdminServer::start(bind, ctx.clone()).map_err(|source| RunError::Admin { addr: bind, source })
+}
+
+/// The running daemon: the proxy, its admin endpoint, the config path.
+struct Daemon {
+    server: Server,
+    admin_ctx: Arc<AdminContext>,
+    admin: Option<AdminServer>,
+    path: PathBuf,
+}
+
+impl Daemon {
+    /// Reload and count the result.
+    async fn reload(&mut self, trigger: &str) -> bool {
+        let ok = self.try_reload(trigger).await;
+        self.server.metrics().record_reload(ok);
+        ok
+    }
+
+    /// Load, validate and apply the file; on any error the running config
+    /// stays. A moved admin endpoint is bound before anything changes.
+    async fn try_reload(&mut self, trigger: &str) -> bool {
+        info!(trigger, "reloading configuration");
+        let config = match load_off_thread(&self.path).await {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "reload failed; the running configuration stays");
+                return false;
             }
-            info!(changes = summary.changes.len(), "configuration reloaded");
-            true
-        }
-        Err(e) => {
-            error!(error = %e, "reload failed; the running configuration stays");
-            false
+        };
+        let old_bind = self.server.config().admin.as_ref().map(|a| a.bind);
+        let new_admin = match &config.admin {
+            Some(a) if Some(a.bind) != old_bind => match start_admin(a.bind, &self.admin_ctx) {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    error!(error = %e, "reload failed; the running configuration stays");
+                    return false;
+                }
+            },
+            _ => None,
+        };
+        let admin_config = config.admin.clone();
+        match self.server.reload(config).await {
+            Ok(summary) => {
+                for change in &summary.changes {
+                    info!(listener = %change.listener(), ?change, "config change");
+                }
+                self.admin_ctx.token.store(Arc::new(
+                    admin_config.as_ref().and_then(|a| a.token.clone()),
+                ));
+                if (new_admin.is_some() || admin_config.is_none())
+                    && let Some(old) = std::mem::replace(&mut self.admin, new_admin)
+                {
+                    old.stop().await;
+                }
+                info!(changes = summary.changes.len(), "configuration reloaded");
+                true
+            }
+            Err(e) => {
+                if let Some(unused) = new_admin {
+                    unused.stop().await;
+                }
+                error!(error = %e, "reload failed; the running configuration stays");
+                false
+            }
         }
     }
+}
+
+/// Loading resolves host names: keep that off the serving threads.
+async fn load_off_thread(path: &Path) -> Result<config::Config, ConfigError> {
+    let file = path.to_owned();
+    tokio::task::spawn_blocking(move || config::load_file(&file))
+        .await
+        .expect("config loading does not panic")
 }

@@ -115,9 +115,10 @@ pub async fn run(backend: Arc<Backend>, ctx: ProbeContext, changed: impl Fn()) {
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let started = Instant::now();
         let result = probe(&backend, ctx.settings.timeout).await;
         let state = &backend.state;
-        state.record_check(result.is_ok());
+        state.record_check(result.is_ok(), started.elapsed());
         let (flip, streak) = {
             let mut h = state.hysteresis.lock().unwrap_or_else(|e| e.into_inner());
             let flip = h.observe(result.is_ok(), ctx.settings.rise, ctx.settings.fall);

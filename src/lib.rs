@@ -17,10 +17,14 @@
 //!   outlives snapshots, keyed by (listener, backend).
 //!
 //! Control plane:
+//! - [`admin`] — the admin endpoint (hyper): `/metrics`, `/healthz`,
+//!   `/readyz`, `/api/v1/status`, and runtime drain/maint.
 //! - [`config`] — serde types, defaults and validation with file/line/field
 //!   errors.
 //! - [`health`] — TCP probes per backend and the rise/fall state machine;
 //!   a flip rebuilds the listener's pool.
+//! - [`metrics`] — every Prometheus metric, defined once; handles resolved
+//!   ahead so the data path updates them with one atomic operation.
 //! - [`reload`] — the difference between two configs as typed changes.
 //! - [`server`] — binds listeners, builds and publishes routes, applies a
 //!   reload (bind first, then swap), shuts down gracefully.
@@ -28,11 +32,13 @@
 //! - [`watch`] — `--watch`: reload when the config file changes.
 //! - [`sockets`] — every socket option in one place (socket2).
 
+pub mod admin;
 pub mod backend;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::backend::{Backend, BackendState, Registry};
 use crate::config::{Config, ListenerConfig};
 use crate::health::{self, ProbeContext};
+use crate::metrics::Metrics;
 use crate::proxy::Route;
 use crate::proxy::tcp::{self, ConnContext};
 use crate::proxy::tripwire::Tripwire;
@@ -42,10 +43,24 @@ pub enum StartError {
     },
 }
 
+/// A read-only view of one running listener, for the admin endpoint.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    pub name: Arc<str>,
+    pub local_addr: SocketAddr,
+    /// The listener's current route: config, backends and their live state.
+    pub route: Arc<ArcSwap<Route>>,
+}
+
+/// The running listeners in config order, republished after every reload.
+pub type Directory = ArcSwap<Vec<ListenerView>>;
+
 /// A running switchyard instance.
 #[derive(Debug)]
 pub struct Server {
     config: Config,
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
     registry: Registry,
     listeners: HashMap<Arc<str>, Listener>,
     ctx: ConnContext,
@@ -87,6 +102,12 @@ impl Drop for Listener {
     }
 }
 
+impl Default for Server {
+    fn default() -> Self {
+        Server::new()
+    }
+}
+
 /// What a successful reload did.
 #[derive(Debug, Default)]
 pub struct ReloadSummary {
@@ -94,24 +115,34 @@ pub struct ReloadSummary {
 }
 
 impl Server {
-    /// Bind every listener, then start serving. If any bind fails, nothing is
-    /// left running.
-    pub async fn start(config: Config) -> Result<Server, StartError> {
-        let empty = Config {
-            source: config.source.clone(),
-            shutdown_timeout: config.shutdown_timeout,
-            listeners: Vec::new(),
-        };
-        let mut server = Server {
-            config: empty,
-            registry: Registry::default(),
+    /// A server with no listeners yet; [`reload`](Self::reload) gives it
+    /// its config.
+    pub fn new() -> Server {
+        let metrics = Metrics::new();
+        Server {
+            config: Config {
+                source: Default::default(),
+                shutdown_timeout: Duration::ZERO,
+                admin: None,
+                listeners: Vec::new(),
+            },
+            directory: Arc::default(),
+            registry: Registry::new(metrics.clone()),
+            metrics,
             listeners: HashMap::new(),
             ctx: ConnContext {
                 tracker: TaskTracker::new(),
                 abort: Tripwire::new(),
             },
-        };
+        }
+    }
+
+    /// Bind every listener, then start serving. If any bind fails, nothing is
+    /// left running.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let mut server = Server::new();
         server.reload(config).await?;
+        server.metrics.record_reload(true);
         Ok(server)
     }
 
@@ -219,6 +250,19 @@ impl Server {
                 }
             }
         }
+        self.directory.store(Arc::new(
+            new.listeners
+                .iter()
+                .filter_map(|c| {
+                    let l = self.listeners.get(&c.name)?;
+                    Some(ListenerView {
+                        name: c.name.clone(),
+                        local_addr: l.local_addr,
+                        route: l.route.clone(),
+                    })
+                })
+                .collect(),
+        ));
         self.config = new;
         Ok(ReloadSummary { changes })
     }
@@ -234,7 +278,18 @@ impl Server {
                 Arc::new(Backend::new(b, state))
             })
             .collect();
-        Route::new(config, backends)
+        let metrics = self.metrics.listener(&config.name);
+        Route::new(config, backends, metrics)
+    }
+
+    /// The running listeners, kept current across reloads.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.clone()
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The configuration being served.
@@ -280,6 +335,7 @@ impl Server {
             l.accept.stop().await;
             info!(listener = %name, "stopped accepting");
         }
+        self.directory.store(Arc::default());
         let tracker = self.ctx.tracker.clone();
         tracker.close();
         let open = tracker.len();
@@ -333,23 +389,29 @@ fn spawn_probes(route: &Route, refresh: &Arc<Notify>) -> Vec<JoinHandle<()>> {
 }
 
 /// Rebuild the listener's pool whenever health changes. Flips that arrive
-/// during a rebuild coalesce into one more rebuild; a route replaced
-/// meanwhile (reload) is rebuilt again rather than overwritten.
+/// during a rebuild coalesce into one more rebuild.
 async fn refresher(route: Arc<ArcSwap<Route>>, refresh: Arc<Notify>) {
     loop {
         refresh.notified().await;
-        loop {
-            let current = route.load_full();
-            let from = current.clone();
-            // Large source-hash pools take milliseconds to rebuild: keep
-            // that off the threads that serve connections.
-            let Ok(next) = tokio::task::spawn_blocking(move || from.rebuilt()).await else {
-                return;
-            };
-            let previous = route.compare_and_swap(&current, Arc::new(next));
-            if Arc::ptr_eq(&*previous, &current) {
-                break;
-            }
+        rebuild(&route).await;
+    }
+}
+
+/// Re-schedule a listener's pool for its backends' current health and admin
+/// state, and publish it. A route replaced meanwhile (reload) is rebuilt
+/// again rather than overwritten.
+pub async fn rebuild(route: &ArcSwap<Route>) {
+    loop {
+        let current = route.load_full();
+        let from = current.clone();
+        // Large source-hash pools take milliseconds to rebuild: keep that off
+        // the threads that serve connections.
+        let Ok(next) = tokio::task::spawn_blocking(move || from.rebuilt()).await else {
+            return;
+        };
+        let previous = route.compare_and_swap(&current, Arc::new(next));
+        if Arc::ptr_eq(&*previous, &current) {
+            return;
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::balancer::Pool;
 use crate::config::ListenerConfig;
+use crate::metrics::ListenerMetrics;
 
 /// Everything a listener needs to serve one new connection: its settings and
 /// the current pool. Published with `ArcSwap`; each connection takes the
@@ -16,19 +17,29 @@ use crate::config::ListenerConfig;
 pub struct Route {
     pub config: Arc<ListenerConfig>,
     pub pool: Pool,
+    pub metrics: ListenerMetrics,
 }
 
 impl Route {
-    pub fn new(config: Arc<ListenerConfig>, backends: Vec<Arc<crate::backend::Backend>>) -> Route {
+    pub fn new(
+        config: Arc<ListenerConfig>,
+        backends: Vec<Arc<crate::backend::Backend>>,
+        metrics: ListenerMetrics,
+    ) -> Route {
         Route {
             pool: Pool::new(config.algorithm, backends),
             config,
+            metrics,
         }
     }
 
     /// The same listener and backends, re-scheduled for their current
     /// health (after a backend went up or down).
     pub fn rebuilt(&self) -> Route {
-        Route::new(self.config.clone(), self.pool.backends.clone())
+        Route::new(
+            self.config.clone(),
+            self.pool.backends.clone(),
+            self.metrics.clone(),
+        )
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
@@ -14,6 +15,7 @@ use super::relay::{self, End, Meter};
 use super::tripwire::Tripwire;
 use crate::backend::{ActiveGuard, Backend, BackendState};
 use crate::config::OnMarkedDown;
+use crate::metrics::Reject;
 use crate::sockets;
 
 /// Pause after an accept error such as EMFILE: the error persists until some
@@ -71,8 +73,10 @@ async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Tr
     sockets::tune_stream(&client);
     let Some((backend, upstream, guard)) = connect_backend(&route, peer).await else {
         debug!("no backend available; closing");
+        route.metrics.reject(Reject::NoBackend);
         return;
     };
+    let started = Instant::now();
     debug!(backend = %backend.name, "connected");
     let meter = BackendMeter(guard.state());
     // Only listeners that cut connections of a failed backend watch for it.
@@ -86,23 +90,24 @@ async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Tr
             None => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
+    let end = tokio::select! {
         biased;
-        r = relay::relay(&client, &upstream, route.config.idle_timeout, &meter) => r,
-        () = abort.tripped() => {
-            debug!("closed by shutdown");
-            return;
-        }
-        () = backend_down => {
-            debug!("closed: backend marked down");
-            return;
-        }
+        r = relay::relay(&client, &upstream, route.config.idle_timeout, &meter) => match r {
+            Ok(End::Closed) => "closed",
+            Ok(End::Idle) => "idle timeout",
+            Err(e) => {
+                debug!(error = %e, "relay error");
+                "error"
+            }
+        },
+        () = abort.tripped() => "cut by shutdown",
+        () = backend_down => "cut: backend marked down",
     };
-    match result {
-        Ok(End::Closed) => debug!("closed"),
-        Ok(End::Idle) => debug!("idle timeout"),
-        Err(e) => debug!(error = %e, "relay ended with error"),
-    }
+    route
+        .metrics
+        .connection_duration
+        .observe(started.elapsed().as_secs_f64());
+    debug!(end, "connection ended");
 }
 
 /// Connect to the first candidate that answers, trying at most
@@ -133,10 +138,10 @@ struct BackendMeter<'a>(&'a BackendState);
 
 impl Meter for BackendMeter<'_> {
     fn client_to_backend(&self, bytes: u64) {
-        self.0.add_bytes(bytes, 0);
+        self.0.metrics.bytes_client_to_backend.inc_by(bytes);
     }
     fn backend_to_client(&self, bytes: u64) {
-        self.0.add_bytes(0, bytes);
+        self.0.metrics.bytes_backend_to_client.inc_by(bytes);
     }
 }
 
@@ -161,7 +166,8 @@ mod tests {
             "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[listener.backend]]\nname = \"b\"\naddress = \"{addr}\"\n"
         );
         let cfg = config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
-        let route = Arc::new(Route::new(cfg.listeners[0].clone(), vec![]));
+        let metrics = crate::metrics::Metrics::new().listener("l");
+        let route = Arc::new(Route::new(cfg.listeners[0].clone(), vec![], metrics));
         let conn = serve(client, addr, route, Tripwire::new());
         assert!(
             size_of_val(&conn) <= 1024,

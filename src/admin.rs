@@ -1,0 +1,350 @@
+//! The admin endpoint: Prometheus metrics, liveness/readiness, status and
+//! runtime admin state, over HTTP/1.1 (hyper).
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 once listeners are bound and the config loaded; 503 before and during shutdown |
+//! | `GET /api/v1/status` | JSON: listeners, backends, health, admin state, counters |
+//! | `GET /api/v1/listeners/{l}/backends/{b}/state` | the backend's admin state |
+//! | `PUT /api/v1/listeners/{l}/backends/{b}/state` | body `ready`, `drain` or `maint` |
+//!
+//! Reads are open to whoever reaches the admin address (loopback by
+//! default). With a token configured, a state change needs
+//! `Authorization: Bearer <token>`, compared in constant time and never
+//! logged. Unknown paths answer 404, known paths with the wrong method 405
+//! (with `Allow`), malformed requests 400 with a one-line reason.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::backend::AdminState;
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::proxy::tripwire::Tripwire;
+use crate::server::{self, Directory};
+use crate::sockets;
+
+/// A slow or idle admin client cannot hold a connection open for ever
+/// waiting for its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest request body accepted (a state name is a few bytes).
+const MAX_BODY: usize = 1024;
+
+/// What the admin endpoint reads and changes.
+#[derive(Debug)]
+pub struct AdminContext {
+    pub directory: Arc<Directory>,
+    pub metrics: Arc<Metrics>,
+    /// Listeners bound and config loaded, and not shutting down.
+    pub ready: AtomicBool,
+    /// Required bearer token for changes, if any (replaced on reload).
+    pub token: ArcSwap<Option<Secret>>,
+}
+
+impl AdminContext {
+    pub fn new(
+        directory: Arc<Directory>,
+        metrics: Arc<Metrics>,
+        token: Option<Secret>,
+    ) -> Arc<Self> {
+        Arc::new(AdminContext {
+            directory,
+            metrics,
+            ready: AtomicBool::new(false),
+            token: ArcSwap::from_pointee(token),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct AdminServer {
+    local_addr: SocketAddr,
+    stop: Tripwire,
+    task: JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Bind `bind` and serve on it.
+    pub fn start(bind: SocketAddr, ctx: Arc<AdminContext>) -> std::io::Result<AdminServer> {
+        let listener = sockets::bind_listener(bind)?;
+        let local_addr = listener.local_addr()?;
+        let stop = Tripwire::new();
+        let task = tokio::spawn(serve(listener, ctx, stop.clone()));
+        info!(addr = %local_addr, "admin listening");
+        Ok(AdminServer {
+            local_addr,
+            stop,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stop accepting; requests in progress finish on their own.
+    pub async fn stop(self) {
+        self.stop.trip();
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: Tripwire) {
+    let stopped = stop.tripped();
+    tokio::pin!(stopped);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut stopped => return,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "admin connection ended with error");
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+    let mut body = body.into();
+    body.push('\n');
+    reply(status, "text/plain; charset=utf-8", body)
+}
+
+fn json_reply(status: StatusCode, value: &serde_json::Value) -> Reply {
+    reply(status, "application/json", value.to_string())
+}
+
+fn method_not_allowed(allow: &'static str) -> Reply {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(ALLOW, hyper::header::HeaderValue::from_static(allow));
+    r
+}
+
+/// Route one request.
+pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr) -> Reply {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["metrics"] => match *req.method() {
+            Method::GET | Method::HEAD => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                ctx.metrics.encode(),
+            ),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        ["healthz"] => match *req.method() {
+            Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        ["readyz"] => match *req.method() {
+            Method::GET | Method::HEAD if ctx.ready.load(Ordering::SeqCst) => {
+                text(StatusCode::OK, "ready")
+            }
+            Method::GET | Method::HEAD => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        ["api", "v1", "status"] => match *req.method() {
+            Method::GET => json_reply(StatusCode::OK, &status(&ctx.directory)),
+            _ => method_not_allowed("GET"),
+        },
+        [
+            "api",
+            "v1",
+            "listeners",
+            listener,
+            "backends",
+            backend,
+            "state",
+        ] => {
+            let (listener, backend) = (listener.to_string(), backend.to_string());
+            match *req.method() {
+                Method::GET => match find_backend(ctx, &listener, &backend) {
+                    Some((_, state)) => json_reply(
+                        StatusCode::OK,
+                        &json!({"listener": listener, "backend": backend,
+                                "admin_state": state.admin_state().as_str()}),
+                    ),
+                    None => not_found_backend(&listener, &backend),
+                },
+                Method::PUT => set_state(req, ctx, peer, &listener, &backend).await,
+                _ => method_not_allowed("GET, PUT"),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+fn not_found_backend(listener: &str, backend: &str) -> Reply {
+    text(
+        StatusCode::NOT_FOUND,
+        format!("no backend `{backend}` in listener `{listener}`"),
+    )
+}
+
+type Found = (
+    Arc<ArcSwap<crate::proxy::Route>>,
+    Arc<crate::backend::BackendState>,
+);
+
+fn find_backend(ctx: &AdminContext, listener: &str, backend: &str) -> Option<Found> {
+    let views = ctx.directory.load();
+    let view = views.iter().find(|v| &*v.name == listener)?;
+    let route = view.route.load();
+    let b = route.pool.backends.iter().find(|b| &*b.name == backend)?;
+    Some((view.route.clone(), b.state.clone()))
+}
+
+async fn set_state(
+    req: Request<Incoming>,
+    ctx: &AdminContext,
+    peer: SocketAddr,
+    listener: &str,
+    backend: &str,
+) -> Reply {
+    if let Some(token) = &**ctx.token.load() {
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !presented.is_some_and(|p| token.matches(p)) {
+            warn!(%peer, listener, backend, "admin state change refused: missing or wrong token");
+            let mut r = text(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("body must be at most {MAX_BODY} bytes"),
+            );
+        }
+    };
+    let Some(new) = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|s| AdminState::parse(s.trim()))
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "body must be one of: ready, drain, maint",
+        );
+    };
+    let Some((route, state)) = find_backend(ctx, listener, backend) else {
+        return not_found_backend(listener, backend);
+    };
+    let old = state.admin_state();
+    state.set_admin_state(new);
+    // The pool is rebuilt before answering: once the caller sees 200, no
+    // new connection goes to a drained backend.
+    server::rebuild(&route).await;
+    info!(%peer, listener, backend, from = old.as_str(), to = new.as_str(), "admin state changed");
+    json_reply(
+        StatusCode::OK,
+        &json!({"listener": listener, "backend": backend, "admin_state": new.as_str()}),
+    )
+}
+
+/// The `/api/v1/status` document.
+pub fn status(directory: &Directory) -> serde_json::Value {
+    let listeners: Vec<_> = directory
+        .load()
+        .iter()
+        .map(|view| {
+            let route = view.route.load();
+            let c = &route.config;
+            let in_rotation: Vec<&str> = route.pool.in_rotation().map(|b| &*b.name).collect();
+            let backends: Vec<_> = route
+                .pool
+                .backends
+                .iter()
+                .map(|b| {
+                    let s = &b.state;
+                    let (c2b, b2c) = s.bytes();
+                    json!({
+                        "name": &*b.name,
+                        "address": b.address,
+                        "resolved_address": b.addr.to_string(),
+                        "weight": b.weight,
+                        "backup": b.backup,
+                        "health": if s.is_up() { "up" } else { "down" },
+                        "admin_state": s.admin_state().as_str(),
+                        "in_rotation": in_rotation.contains(&&*b.name),
+                        "active_connections": s.active(),
+                        "connections_total": s.total(),
+                        "connect_errors_total": s.connect_errors(),
+                        "bytes_client_to_backend": c2b,
+                        "bytes_backend_to_client": b2c,
+                    })
+                })
+                .collect();
+            let active: u64 = route.pool.backends.iter().map(|b| b.state.active()).sum();
+            json!({
+                "name": &*view.name,
+                "bind": c.bind.to_string(),
+                "local_addr": view.local_addr.to_string(),
+                "mode": c.mode.as_str(),
+                "algorithm": c.algorithm.as_str(),
+                "active_connections": active,
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "listeners": listeners })
+}

@@ -1,0 +1,419 @@
+//! Every Prometheus metric, defined once.
+//!
+//! Names live in [`names`]; each metric is registered once per [`Metrics`]
+//! (one per running server, so tests can run several). The data path never
+//! looks a metric up by label: a backend's handles are resolved when its live
+//! state is created ([`BackendMetrics`]) and a listener's when its route is
+//! built ([`ListenerMetrics`]), so updating one is a single atomic operation.
+//!
+//! Label values come only from config names (listener, backend) and fixed
+//! sets (direction, result, reason, HTTP status code), never from client
+//! input, so cardinality is bounded by the config. A removed backend's series
+//! disappear when its last connection ends: [`BackendMetrics`] removes its
+//! label values when the last holder drops it.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use crate::backend::BackendKey;
+use hashbrown::HashMap;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Metric names: the contract with dashboards and alerts.
+pub mod names {
+    pub const CONNECTIONS_TOTAL: &str = "switchyard_connections_total";
+    pub const ACTIVE_CONNECTIONS: &str = "switchyard_active_connections";
+    pub const BYTES_TOTAL: &str = "switchyard_bytes_total";
+    pub const BACKEND_UP: &str = "switchyard_backend_up";
+    pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "switchyard_backend_connect_errors_total";
+    pub const HEALTH_CHECKS_TOTAL: &str = "switchyard_health_checks_total";
+    pub const HEALTH_CHECK_DURATION_SECONDS: &str = "switchyard_health_check_duration_seconds";
+    pub const REJECTED_CONNECTIONS_TOTAL: &str = "switchyard_rejected_connections_total";
+    pub const CONNECTION_DURATION_SECONDS: &str = "switchyard_connection_duration_seconds";
+    pub const HTTP_REQUESTS_TOTAL: &str = "switchyard_http_requests_total";
+    pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
+    pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
+        "switchyard_config_last_reload_success_timestamp_seconds";
+}
+
+/// Health-check (TCP connect) latency buckets: a LAN connect takes well
+/// under a millisecond, a struggling server tens to hundreds, and a probe
+/// is cut at its timeout (1 s by default, a few seconds at most).
+pub const CHECK_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Connection lifetime buckets: from HTTP-style one-shot connections
+/// (milliseconds) to pooled database connections that live for hours.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
+    86400.0,
+];
+
+/// Why a client connection was closed without being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Source address not in the listener's allow-list.
+    Acl,
+    /// Every candidate at its connection cap for longer than the queue timeout.
+    MaxConnections,
+    /// No backend could take it.
+    NoBackend,
+}
+
+impl Reject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Acl => "acl",
+            Reject::MaxConnections => "max_connections",
+            Reject::NoBackend => "no_backend",
+        }
+    }
+}
+
+/// The metric families of one server.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections: IntCounterVec,
+    active: IntGaugeVec,
+    bytes: IntCounterVec,
+    backend_up: IntGaugeVec,
+    connect_errors: IntCounterVec,
+    health_checks: IntCounterVec,
+    health_check_duration: HistogramVec,
+    rejected: IntCounterVec,
+    connection_duration: HistogramVec,
+    http_requests: IntCounterVec,
+    reloads: IntCounterVec,
+    last_reload_success: Gauge,
+    /// Live per-backend handle sets, so a backend that is re-added while its
+    /// old incarnation still drains shares one set of series.
+    backends: Mutex<HashMap<BackendKey, Weak<BackendMetrics>>>,
+}
+
+const LB: &[&str] = &["listener", "backend"];
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("every metric is registered once");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            reg(&registry, HistogramVec::new(opts, labels).unwrap())
+        };
+        use names::*;
+        Arc::new(Metrics {
+            connections: counter(
+                CONNECTIONS_TOTAL,
+                "Client connections established to a backend.",
+                LB,
+            ),
+            active: gauge(
+                ACTIVE_CONNECTIONS,
+                "Connections assigned to a backend and still open.",
+                LB,
+            ),
+            bytes: counter(
+                BYTES_TOTAL,
+                "Bytes relayed, by direction.",
+                &["listener", "backend", "direction"],
+            ),
+            backend_up: gauge(BACKEND_UP, "1 if health checks say the backend is up.", LB),
+            connect_errors: counter(
+                BACKEND_CONNECT_ERRORS_TOTAL,
+                "Failed connects to a backend (refused, unreachable, timed out).",
+                LB,
+            ),
+            health_checks: counter(
+                HEALTH_CHECKS_TOTAL,
+                "Health probes, by result.",
+                &["listener", "backend", "result"],
+            ),
+            health_check_duration: histogram(
+                HEALTH_CHECK_DURATION_SECONDS,
+                "Time to establish (or fail) a health probe connection.",
+                LB,
+                CHECK_BUCKETS,
+            ),
+            rejected: counter(
+                REJECTED_CONNECTIONS_TOTAL,
+                "Client connections closed without being served, by reason.",
+                &["listener", "reason"],
+            ),
+            connection_duration: histogram(
+                CONNECTION_DURATION_SECONDS,
+                "Lifetime of served client connections.",
+                &["listener"],
+                DURATION_BUCKETS,
+            ),
+            http_requests: counter(
+                HTTP_REQUESTS_TOTAL,
+                "HTTP requests answered, by backend and status code.",
+                &["listener", "backend", "code"],
+            ),
+            reloads: counter(
+                CONFIG_RELOADS_TOTAL,
+                "Configuration reloads, by result.",
+                &["result"],
+            ),
+            last_reload_success: reg(
+                &registry,
+                Gauge::new(
+                    CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS,
+                    "Unix time of the last successful configuration (re)load.",
+                )
+                .unwrap(),
+            ),
+            registry,
+            backends: Mutex::default(),
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding into memory cannot fail");
+        out
+    }
+
+    /// The handles of one backend, shared while any holder lives.
+    pub fn backend(
+        self: &Arc<Self>,
+        listener: &Arc<str>,
+        backend: &Arc<str>,
+    ) -> Arc<BackendMetrics> {
+        let mut live = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (listener.clone(), backend.clone());
+        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let l = [&**listener, &**backend];
+        let m = Arc::new(BackendMetrics {
+            connections: self.connections.with_label_values(&l),
+            active: self.active.with_label_values(&l),
+            bytes_client_to_backend: self.bytes.with_label_values(&[
+                &**listener,
+                &**backend,
+                "client_to_backend",
+            ]),
+            bytes_backend_to_client: self.bytes.with_label_values(&[
+                &**listener,
+                &**backend,
+                "backend_to_client",
+            ]),
+            up: self.backend_up.with_label_values(&l),
+            connect_errors: self.connect_errors.with_label_values(&l),
+            checks_ok: self
+                .health_checks
+                .with_label_values(&[&**listener, &**backend, "success"]),
+            checks_failed: self.health_checks.with_label_values(&[
+                &**listener,
+                &**backend,
+                "failure",
+            ]),
+            check_duration: self.health_check_duration.with_label_values(&l),
+            owner: Some((Arc::downgrade(self), key.clone())),
+        });
+        m.up.set(1);
+        live.insert(key, Arc::downgrade(&m));
+        m
+    }
+
+    /// The handles of one listener.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let reject = |r: Reject| self.rejected.with_label_values(&[listener, r.as_str()]);
+        ListenerMetrics {
+            rejected_acl: reject(Reject::Acl),
+            rejected_max_connections: reject(Reject::MaxConnections),
+            rejected_no_backend: reject(Reject::NoBackend),
+            connection_duration: self.connection_duration.with_label_values(&[listener]),
+        }
+    }
+
+    /// Count an HTTP response.
+    pub fn http_request(&self, listener: &str, backend: &str, code: u16) {
+        let code = code.to_string();
+        self.http_requests
+            .with_label_values(&[listener, backend, &code])
+            .inc();
+    }
+
+    /// Count a reload attempt (the initial load counts as a success).
+    pub fn record_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.with_label_values(&[result]).inc();
+        if success {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO);
+            self.last_reload_success.set(now.as_secs_f64());
+        }
+    }
+
+    /// Remove every series of a backend (its last holder is gone).
+    fn forget(&self, key: &BackendKey) {
+        let mut live = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(key).is_some_and(|w| w.strong_count() > 0) {
+            // Re-added meanwhile: the series belong to the new incarnation.
+            return;
+        }
+        live.remove(key);
+        let (l, b) = (&*key.0, &*key.1);
+        let _ = self.connections.remove_label_values(&[l, b]);
+        let _ = self.active.remove_label_values(&[l, b]);
+        let _ = self.backend_up.remove_label_values(&[l, b]);
+        let _ = self.connect_errors.remove_label_values(&[l, b]);
+        let _ = self.health_check_duration.remove_label_values(&[l, b]);
+        for d in ["client_to_backend", "backend_to_client"] {
+            let _ = self.bytes.remove_label_values(&[l, b, d]);
+        }
+        for r in ["success", "failure"] {
+            let _ = self.health_checks.remove_label_values(&[l, b, r]);
+        }
+    }
+}
+
+/// A backend's metric handles: each update is one atomic operation.
+#[derive(Debug)]
+pub struct BackendMetrics {
+    pub connections: IntCounter,
+    pub active: IntGauge,
+    pub bytes_client_to_backend: IntCounter,
+    pub bytes_backend_to_client: IntCounter,
+    pub up: IntGauge,
+    pub connect_errors: IntCounter,
+    pub checks_ok: IntCounter,
+    pub checks_failed: IntCounter,
+    pub check_duration: Histogram,
+    /// Where the series are registered, to remove them on drop.
+    owner: Option<(Weak<Metrics>, BackendKey)>,
+}
+
+impl BackendMetrics {
+    /// Handles registered nowhere: for live state built outside a server
+    /// (unit tests, benchmarks).
+    pub fn detached() -> BackendMetrics {
+        let c = || IntCounter::new("c", "c").unwrap();
+        let g = || IntGauge::new("g", "g").unwrap();
+        BackendMetrics {
+            connections: c(),
+            active: g(),
+            bytes_client_to_backend: c(),
+            bytes_backend_to_client: c(),
+            up: {
+                let up = g();
+                up.set(1);
+                up
+            },
+            connect_errors: c(),
+            checks_ok: c(),
+            checks_failed: c(),
+            check_duration: Histogram::with_opts(HistogramOpts::new("h", "h")).unwrap(),
+            owner: None,
+        }
+    }
+}
+
+impl Drop for BackendMetrics {
+    fn drop(&mut self) {
+        if let Some((metrics, key)) = &self.owner
+            && let Some(metrics) = metrics.upgrade()
+        {
+            metrics.forget(key);
+        }
+    }
+}
+
+/// A listener's metric handles.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    pub rejected_acl: IntCounter,
+    pub rejected_max_connections: IntCounter,
+    pub rejected_no_backend: IntCounter,
+    pub connection_duration: Histogram,
+}
+
+impl ListenerMetrics {
+    pub fn reject(&self, reason: Reject) {
+        match reason {
+            Reject::Acl => &self.rejected_acl,
+            Reject::MaxConnections => &self.rejected_max_connections,
+            Reject::NoBackend => &self.rejected_no_backend,
+        }
+        .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn backend_series_live_as_long_as_their_holders() {
+        let m = Metrics::new();
+        let (l, b): (Arc<str>, Arc<str>) = ("pg".into(), "pg1".into());
+        let h = m.backend(&l, &b);
+        h.connections.inc();
+        assert!(
+            text(&m).contains(r#"switchyard_connections_total{backend="pg1",listener="pg"} 1"#)
+        );
+        let again = m.backend(&l, &b);
+        assert!(Arc::ptr_eq(&h, &again));
+        drop(h);
+        assert!(text(&m).contains("switchyard_backend_up{"));
+        drop(again);
+        let t = text(&m);
+        assert!(!t.contains("pg1"), "{t}");
+    }
+
+    #[test]
+    fn reloads_and_rejections_are_counted() {
+        let m = Metrics::new();
+        m.record_reload(true);
+        m.record_reload(false);
+        m.record_reload(false);
+        let lm = m.listener("web");
+        lm.reject(Reject::NoBackend);
+        let t = text(&m);
+        assert!(
+            t.contains(r#"switchyard_config_reloads_total{result="failure"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"switchyard_config_reloads_total{result="success"} 1"#),
+            "{t}"
+        );
+        assert!(t.contains(
+            r#"switchyard_rejected_connections_total{listener="web",reason="no_backend"} 1"#
+        ));
+        assert!(
+            t.contains(r#"switchyard_rejected_connections_total{listener="web",reason="acl"} 0"#)
+        );
+    }
+}
