@@ -256,6 +256,8 @@ pub struct Daemon {
     pub path: PathBuf,
     /// Listener name → bound address, from the log.
     pub listeners: HashMap<String, SocketAddr>,
+    /// The admin endpoint's address, from the log.
+    pub admin: Option<SocketAddr>,
     stderr: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
@@ -300,6 +302,7 @@ impl Daemon {
             child: Some(child),
             path,
             listeners: HashMap::new(),
+            admin: None,
             stderr: rx,
             _dir: dir,
         };
@@ -315,7 +318,9 @@ impl Daemon {
                 .stderr
                 .recv_timeout(DEADLINE)
                 .expect("expected log line did not come before the deadline");
-            if line.contains(" listening") && line.contains("addr=") {
+            if line.contains("admin listening") {
+                self.admin = Some(field(&line, "addr").parse().unwrap());
+            } else if line.contains(" listening") && line.contains("addr=") {
                 self.listeners.insert(
                     field(&line, "listener"),
                     field(&line, "addr").parse().unwrap(),
@@ -401,6 +406,41 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// A plain HTTP/1.1 exchange with hyper's client: (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let stream = within("admin connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.to_owned())))
+        .unwrap();
+    let resp = within("admin response", sender.send_request(req))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// `key=value` from a text log line.
