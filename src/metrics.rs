@@ -122,7 +122,7 @@ impl Metrics {
             reg(&registry, HistogramVec::new(opts, labels).unwrap())
         };
         use names::*;
-        Arc::new(Metrics {
+        let metrics = Arc::new(Metrics {
             connections: counter(
                 CONNECTIONS_TOTAL,
                 "Client connections established to a backend.",
@@ -186,7 +186,13 @@ impl Metrics {
             ),
             registry,
             backends: Mutex::default(),
-        })
+        });
+        // Both results exist from the start at 0, so the first failure is
+        // an increase that `increase()` (and the reload alert) can see.
+        for result in ["success", "failure"] {
+            metrics.reloads.with_label_values(&[result]);
+        }
+        metrics
     }
 
     /// The text exposition of every metric.
@@ -395,6 +401,7 @@ mod tests {
     #[test]
     fn reloads_and_rejections_are_counted() {
         let m = Metrics::new();
+        assert!(text(&m).contains(r#"switchyard_config_reloads_total{result="failure"} 0"#));
         m.record_reload(true);
         m.record_reload(false);
         m.record_reload(false);
