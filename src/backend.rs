@@ -17,6 +17,7 @@ use hashbrown::HashMap;
 use crate::config::BackendConfig;
 use crate::health::Hysteresis;
 use crate::metrics::{BackendMetrics, Metrics};
+use crate::proxy::http::ConnPool;
 use crate::proxy::tripwire::Tripwire;
 
 /// (listener name, backend name): how live state is found across reloads.
@@ -103,6 +104,8 @@ pub struct BackendState {
     cut: ArcSwap<Tripwire>,
     /// Counters, exported as they are: the metrics are the live state.
     pub metrics: Arc<BackendMetrics>,
+    /// HTTP mode: idle keep-alive connections to this backend.
+    pub http_pool: ConnPool,
 }
 
 impl Default for BackendState {
@@ -121,6 +124,7 @@ impl BackendState {
             hysteresis: Mutex::default(),
             cut: ArcSwap::from_pointee(Tripwire::new()),
             metrics,
+            http_pool: ConnPool::default(),
         }
     }
 

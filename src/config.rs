@@ -85,8 +85,41 @@ pub struct RawListener {
     pub on_marked_down: OnMarkedDown,
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// HTTP mode: how long a client may take to send a request's headers.
+    #[serde(default, with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    pub sticky: Option<RawSticky>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
+}
+
+/// `[listener.sticky]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub method: StickyMethod,
+    #[serde(default = "defaults::cookie")]
+    pub cookie: String,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+}
+
+/// How a client is kept on one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StickyMethod {
+    /// The balancer inserts a cookie naming the backend (HAProxy
+    /// `cookie NAME insert indirect nocache`).
+    Lbcookie,
+}
+
+/// A validated `[listener.sticky]` (lbCookie).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sticky {
+    /// Cookie name.
+    pub cookie: String,
+    /// `Max-Age` of the inserted cookie; `None` = a session cookie.
+    pub max_age: Option<Duration>,
 }
 
 /// `[[listener.backend]]`
@@ -169,6 +202,15 @@ mod defaults {
     pub fn weight() -> u32 {
         1
     }
+    /// HAProxy's and CloudStack's default lbCookie name.
+    pub fn cookie() -> String {
+        "SERVERID".into()
+    }
+    /// HAProxy's `timeout http-request` in common configs: enough for a slow
+    /// mobile client, short enough that idle sockets do not pile up.
+    pub fn header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     /// The reference service's health check: TCP connect every 2 s, down
     /// after 3 failures (HAProxy's `inter 2s fall 3 rise 2`).
     pub fn check_interval() -> Duration {
@@ -192,12 +234,15 @@ pub enum Mode {
     /// Plain Layer-4 relay: bytes in, bytes out.
     #[default]
     Tcp,
+    /// HTTP/1.1: every request routed on its own; needed for lbCookie.
+    Http,
 }
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Tcp => "tcp",
+            Mode::Http => "http",
         }
     }
 }
@@ -280,6 +325,10 @@ pub struct ListenerConfig {
     pub retries: u32,
     pub on_marked_down: OnMarkedDown,
     pub health_check: HealthCheck,
+    /// HTTP mode: time allowed for a request's headers.
+    pub header_timeout: Duration,
+    /// HTTP mode: lbCookie stickiness.
+    pub sticky: Option<Sticky>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -529,6 +578,35 @@ impl Config {
             positive(l.connect_timeout, &at.key("connect_timeout"))?;
             positive(l.idle_timeout, &at.key("idle_timeout"))?;
             check_health(&l.health_check, &at.key("health_check"))?;
+            let sticky = match l.sticky {
+                None => None,
+                Some(_) if l.mode != Mode::Http => {
+                    return Err(err(
+                        at.key("sticky"),
+                        "lbcookie stickiness needs `mode = \"http\"` (a tcp listener cannot see cookies)"
+                            .into(),
+                    ));
+                }
+                Some(st) => {
+                    let StickyMethod::Lbcookie = st.method;
+                    check_cookie_name(&st.cookie, &at.key("sticky").key("cookie"))?;
+                    if let Some(age) = st.max_age {
+                        positive(age, &at.key("sticky").key("max_age"))?;
+                    }
+                    Some(Sticky {
+                        cookie: st.cookie,
+                        max_age: st.max_age,
+                    })
+                }
+            };
+            if l.header_timeout.is_some() && l.mode != Mode::Http {
+                return Err(err(
+                    at.key("header_timeout"),
+                    "only applies to `mode = \"http\"`".into(),
+                ));
+            }
+            let header_timeout = l.header_timeout.unwrap_or_else(defaults::header_timeout);
+            positive(header_timeout, &at.key("header_timeout"))?;
             if l.backends.is_empty() {
                 return Err(err(
                     at.key("backend"),
@@ -577,6 +655,8 @@ impl Config {
                 retries: l.retries,
                 on_marked_down: l.on_marked_down,
                 health_check: l.health_check,
+                header_timeout,
+                sticky,
                 backends,
             }));
         }
@@ -691,6 +771,19 @@ fn check_health(h: &HealthCheck, at: &FieldPath) -> Result<(), FieldError> {
         }
     }
     Ok(())
+}
+
+/// A cookie name is an RFC 6265 token.
+fn check_cookie_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
+    let token = |c: u8| c.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&c);
+    if !name.is_empty() && name.len() <= 64 && name.bytes().all(token) {
+        Ok(())
+    } else {
+        Err(err(
+            at.clone(),
+            format!("`{name}` is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+        ))
+    }
 }
 
 fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
@@ -853,6 +946,26 @@ address = "[::1]:9000"
                 "[listener.health_check]\nrise = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
                 "test.toml:5:8: listener[0].health_check.rise: must be at least 1",
                 "rise 0",
+            ),
+            (
+                "[listener.sticky]\nmethod = \"lbcookie\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:1: listener[0].sticky: lbcookie stickiness needs `mode = \"http\"`",
+                "sticky on tcp",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"lbcookie\"\ncookie = \"a b\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:7:10: listener[0].sticky.cookie: `a b` is not a valid cookie name",
+                "bad cookie name",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"ipaddr\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:10: listener[0].sticky.method: unknown variant `ipaddr`",
+                "bad method",
+            ),
+            (
+                "header_timeout = \"5s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:18: listener[0].header_timeout: only applies",
+                "header timeout on tcp",
             ),
             (
                 "on_marked_down = \"restart\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",

@@ -129,6 +129,8 @@ pub async fn run(backend: Arc<Backend>, ctx: ProbeContext, changed: impl Fn()) {
             (Flip::Down, Err(e)) => {
                 warn!(listener = %ctx.listener, backend = %backend.name, address = %backend.addr, reason = %e, failures = streak, "backend down");
                 state.set_up(false);
+                // Idle keep-alive connections (HTTP mode) lead nowhere now.
+                state.http_pool.clear();
                 if ctx.on_marked_down == OnMarkedDown::Shutdown {
                     state.cut_connections();
                 }

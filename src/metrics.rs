@@ -12,7 +12,7 @@
 //! disappear when its last connection ends: [`BackendMetrics`] removes its
 //! label values when the last holder drops it.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::BackendKey;
@@ -240,6 +240,8 @@ impl Metrics {
                 "failure",
             ]),
             check_duration: self.health_check_duration.with_label_values(&l),
+            http: OnceLock::new(),
+            http_family: self.http_requests.clone(),
             owner: Some((Arc::downgrade(self), key.clone())),
         });
         m.up.set(1);
@@ -255,15 +257,11 @@ impl Metrics {
             rejected_max_connections: reject(Reject::MaxConnections),
             rejected_no_backend: reject(Reject::NoBackend),
             connection_duration: self.connection_duration.with_label_values(&[listener]),
+            http_unrouted: Arc::new(HttpCodes::new(
+                self.http_requests.clone(),
+                (listener.into(), "".into()),
+            )),
         }
-    }
-
-    /// Count an HTTP response.
-    pub fn http_request(&self, listener: &str, backend: &str, code: u16) {
-        let code = code.to_string();
-        self.http_requests
-            .with_label_values(&[listener, backend, &code])
-            .inc();
     }
 
     /// Count a reload attempt (the initial load counts as a success).
@@ -298,6 +296,56 @@ impl Metrics {
         for r in ["success", "failure"] {
             let _ = self.health_checks.remove_label_values(&[l, b, r]);
         }
+        // HTTP codes are removed by the dropped `HttpCodes` itself.
+    }
+}
+
+/// `switchyard_http_requests_total` for one (listener, backend): one
+/// counter per status code, resolved on first use, then one atomic load and
+/// one increment per response.
+#[derive(Debug)]
+pub struct HttpCodes {
+    family: IntCounterVec,
+    key: BackendKey,
+    /// Index: status code − 100 (codes 100..=599).
+    codes: Box<[OnceLock<IntCounter>]>,
+}
+
+impl HttpCodes {
+    fn new(family: IntCounterVec, key: BackendKey) -> HttpCodes {
+        HttpCodes {
+            family,
+            key,
+            codes: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Count a response with this status code.
+    pub fn count(&self, code: u16) {
+        let Some(slot) = usize::from(code)
+            .checked_sub(100)
+            .and_then(|i| self.codes.get(i))
+        else {
+            return; // hyper never produces codes outside 100..=599
+        };
+        slot.get_or_init(|| {
+            self.family
+                .with_label_values(&[&*self.key.0, &*self.key.1, &code.to_string()])
+        })
+        .inc();
+    }
+}
+
+impl Drop for HttpCodes {
+    fn drop(&mut self) {
+        for (i, slot) in self.codes.iter().enumerate() {
+            if slot.get().is_some() {
+                let code = (i + 100).to_string();
+                let _ = self
+                    .family
+                    .remove_label_values(&[&*self.key.0, &*self.key.1, &code]);
+            }
+        }
     }
 }
 
@@ -313,11 +361,25 @@ pub struct BackendMetrics {
     pub checks_ok: IntCounter,
     pub checks_failed: IntCounter,
     pub check_duration: Histogram,
+    /// HTTP-mode response counters, created on first use.
+    http: OnceLock<HttpCodes>,
+    http_family: IntCounterVec,
     /// Where the series are registered, to remove them on drop.
     owner: Option<(Weak<Metrics>, BackendKey)>,
 }
 
 impl BackendMetrics {
+    /// Response counters of this backend (HTTP mode).
+    pub fn http(&self) -> &HttpCodes {
+        self.http.get_or_init(|| {
+            let key = self
+                .owner
+                .as_ref()
+                .map_or_else(|| ("".into(), "".into()), |(_, k)| k.clone());
+            HttpCodes::new(self.http_family.clone(), key)
+        })
+    }
+
     /// Handles registered nowhere: for live state built outside a server
     /// (unit tests, benchmarks).
     pub fn detached() -> BackendMetrics {
@@ -337,6 +399,9 @@ impl BackendMetrics {
             checks_ok: c(),
             checks_failed: c(),
             check_duration: Histogram::with_opts(HistogramOpts::new("h", "h")).unwrap(),
+            http: OnceLock::new(),
+            http_family: IntCounterVec::new(Opts::new("r", "r"), &["listener", "backend", "code"])
+                .unwrap(),
             owner: None,
         }
     }
@@ -359,6 +424,8 @@ pub struct ListenerMetrics {
     pub rejected_max_connections: IntCounter,
     pub rejected_no_backend: IntCounter,
     pub connection_duration: Histogram,
+    /// HTTP responses that no backend produced (503, 502), `backend=""`.
+    pub http_unrouted: Arc<HttpCodes>,
 }
 
 impl ListenerMetrics {

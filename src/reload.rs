@@ -109,6 +109,8 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         retries,
         on_marked_down,
         health_check,
+        header_timeout,
+        sticky,
         backends: _,
     } = a;
     *name == b.name
@@ -120,6 +122,8 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *retries == b.retries
         && *on_marked_down == b.on_marked_down
         && *health_check == b.health_check
+        && *header_timeout == b.header_timeout
+        && *sticky == b.sticky
 }
 
 #[cfg(test)]

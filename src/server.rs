@@ -132,6 +132,7 @@ impl Server {
             listeners: HashMap::new(),
             ctx: ConnContext {
                 tracker: TaskTracker::new(),
+                draining: Tripwire::new(),
                 abort: Tripwire::new(),
             },
         }
@@ -336,6 +337,7 @@ impl Server {
             info!(listener = %name, "stopped accepting");
         }
         self.directory.store(Arc::default());
+        self.ctx.draining.trip();
         let tracker = self.ctx.tracker.clone();
         tracker.close();
         let open = tracker.len();

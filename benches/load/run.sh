@@ -8,14 +8,15 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 DURATION=${DURATION:-5}             # seconds per wrk run
 WARMUP=${WARMUP:-1}                 # seconds of unmeasured wrk warm-up before each run (0 = none)
-ROUNDS=${ROUNDS:-3}                 # rows 1-3 run ROUNDS times, targets in rotating order; median reported
+ROUNDS=${ROUNDS:-3}                 # rows 1-3 and 5 run ROUNDS times, targets in rotating order; median reported
 CONNS=${CONNS:-50}                  # wrk connections
 WRK_THREADS=${WRK_THREADS:-1}
 IPERF_DURATION=${IPERF_DURATION:-$DURATION}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
-ROWS=${ROWS:-1 2 3 4}               # which rows to run
+ROWS=${ROWS:-1 2 3 4 5}             # which rows to run
+ROW5_STICKY=${ROW5_STICKY:-1}       # row 5: also run wrk with the sticky cookie (0 = only without cookie)
 SWITCHYARD_BIN=${SWITCHYARD_BIN:-}  # set to skip `cargo build --release` and use this binary
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -135,37 +136,51 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold
-    local kind=$1 port=$2
-    case $kind in
-        nginx)
-            mkdir -p "$TMP/nginx/www" "$TMP/nginx/logs"
-            # 128-byte static body
-            printf '%0127d\n' 0 >"$TMP/nginx/www/index.html"
-            chmod -R a+rX "$TMP"
-            cat >"$TMP/nginx/nginx.conf" <<EOF
+# start_nginx NAME PORT... : one nginx (1 worker) with a server block per port, all serving
+# the same 128-byte static file. With more than one port, block N adds `X-Backend: sN`
+# so that row 5 can check which backend answered.
+start_nginx() {
+    local name=$1; shift
+    local dir=$TMP/$name port servers="" i=0 tag
+    mkdir -p "$dir/www" "$dir/logs"
+    printf '%0127d\n' 0 >"$dir/www/index.html"
+    chmod -R a+rX "$TMP"
+    for port in "$@"; do
+        i=$((i + 1)); tag=""
+        (($# > 1)) && tag=$'\n        add_header X-Backend s'$i' always;'
+        servers+="
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        root $dir/www;$tag
+        location / { }
+    }"
+    done
+    cat >"$dir/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
 master_process on;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/logs/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 worker_rlimit_nofile $NOFILE;
 events { worker_connections 10000; }
 http {
     access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 3600s;
-    client_body_temp_path $TMP/nginx/body;
-    default_type text/html;
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-        root $TMP/nginx/www;
-        location / { }
-    }
+    client_body_temp_path $dir/body;
+    default_type text/html;$servers
 }
 EOF
-            start nginx "${PIN_LOAD[@]}" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
-            wait_listen "$port" "$LAST_PID" nginx ;;
+    start "$name" "${PIN_LOAD[@]}" nginx -p "$dir" -c "$dir/nginx.conf"
+    local pid=$LAST_PID
+    for port in "$@"; do wait_listen "$port" "$pid" "$name"; done
+}
+
+start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold
+    local kind=$1 port=$2
+    case $kind in
+        nginx)
+            start_nginx nginx "$port" ;;
         iperf3)
             start iperf3-server "${PIN_LOAD[@]}" iperf3 -s -p "$port" -B 127.0.0.1
             wait_listen "$port" "$LAST_PID" iperf3-server ;;
@@ -239,6 +254,110 @@ start_proxies() {
     start_haproxy "$hp" "$1"
     start_switchyard "$sp" "$1"
     PORT_direct=$1 PORT_haproxy=$hp PORT_switchyard=$sp
+}
+
+# ---- row 5: HTTP mode with cookie stickiness, two backends
+start_haproxy_http() { # start_haproxy_http LISTEN_PORT BACKEND_PORT1 BACKEND_PORT2 -> HAP_PID
+    cat >"$TMP/haproxy-http.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $HAP_MAXCONN
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:$1
+    default_backend be
+backend be
+    balance roundrobin
+    cookie SERVERID insert indirect nocache
+    server s1 127.0.0.1:$2 cookie s1
+    server s2 127.0.0.1:$3 cookie s2
+EOF
+    start haproxy-http "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy-http.cfg"
+    HAP_PID=$LAST_PID
+    wait_listen "$1" "$HAP_PID" haproxy-http
+}
+
+# start_switchyard_http LISTEN_PORT BACKEND_PORT1 BACKEND_PORT2 -> SY_PID; returns 1 (and
+# adds a note) when this build rejects the config. stderr goes to $TMP/switchyard-http.log.
+start_switchyard_http() {
+    local cfg=$TMP/switchyard-http.toml
+    cat >"$cfg" <<EOF
+[[listener]]
+name = "web"
+bind = "127.0.0.1:$1"
+mode = "http"
+algorithm = "roundrobin"
+[listener.health_check]
+interval = "1h"
+timeout = "1s"
+[listener.sticky]
+method = "lbcookie"
+cookie = "SERVERID"
+[[listener.backend]]
+name = "s1"
+address = "127.0.0.1:$2"
+[[listener.backend]]
+name = "s2"
+address = "127.0.0.1:$3"
+EOF
+    if ! "$SWITCHYARD_BIN" check --config "$cfg" >"$TMP/switchyard-http-check.log" 2>&1; then
+        log "switchyard rejects the HTTP-mode config:"; sed 's/^/    /' "$TMP/switchyard-http-check.log" >&2
+        NOTES+=("row 5: switchyard rejects the HTTP-mode config: $(grep -m1 . "$TMP/switchyard-http-check.log")")
+        return 1
+    fi
+    start switchyard-http "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$cfg"
+    SY_PID=$LAST_PID
+    wait_listen "$1" "$SY_PID" switchyard-http
+}
+
+# probe_http PORT [CURL_ARGS...] : 4 GETs on one keep-alive connection (curl reuses it);
+# prints one line per response: "STATUS X-BACKEND SERVERID-COOKIE" ("-" when absent).
+probe_http() {
+    local port=$1; shift
+    local u=http://127.0.0.1:$port/
+    curl -sSi --max-time 5 "$@" "$u" "$u" "$u" "$u" 2>&1 | tr -d '\r' | awk '
+        /^HTTP\// { if (n++) print s, b, c; s = $2; b = "-"; c = "-"; next }
+        tolower($1) == "x-backend:" { b = $2 }
+        tolower($0) ~ /^set-cookie: *serverid=/ { sub(/^[^=]*=/, ""); sub(/;.*/, ""); c = $0 }
+        END { if (n) print s, b, c; else print "no-response - -" }'
+}
+
+# check_http TARGET PORT -> sets CK (cookie value that routes to s1, or "") and HTTP_OK (0/1);
+# adds a note with what the probe saw, with and without the cookie.
+check_http() {
+    local t=$1 port=$2 a b nck st
+    a=$(probe_http "$port")
+    nck=$(awk '$1 == 200 && $3 != "-"' <<<"$a" | wc -l)
+    CK=$(awk '$2 == "s1" && $3 != "-" { print $3; exit }' <<<"$a")
+    [ -n "$CK" ] || CK=$(awk '$3 != "-" { print $3; exit }' <<<"$a")
+    HTTP_OK=1
+    if ((nck == 0)) || [ -z "$CK" ]; then
+        HTTP_OK=0
+        NOTES+=("row 5 / $t: no SERVERID Set-Cookie in the responses (status backend cookie: $(paste -sd, <<<"$a")): not measured")
+        log "row 5: $t inserts no SERVERID cookie: $(paste -sd, <<<"$a")"
+        return
+    fi
+    b=$(probe_http "$port" -H "Cookie: SERVERID=$CK")
+    st="ok"
+    [ "$(awk '$1 == 200 { print $2 }' <<<"$b" | sort -u | wc -l)" = 1 ] &&
+        [ "$(awk '$1 == 200' <<<"$b" | wc -l)" = 4 ] || st="NOT STICKY"
+    NOTES+=("row 5 / $t: 4 requests on one connection without cookie -> $(awk '{ print $1 "/" $2 "/" ($3 == "-" ? "no-cookie" : "cookie") }' <<<"$a" | paste -sd' '); with \`Cookie: SERVERID=$CK\` -> $(awk '{ print $1 "/" $2 "/" ($3 == "-" ? "no-cookie" : "cookie") }' <<<"$b" | paste -sd' ') ($st)")
+    log "row 5: $t: cookie $CK; sticky check $st"
+}
+
+# log_problems NAME : add a note with the ERROR/WARN (switchyard) or ALERT/WARNING (HAProxy)
+# lines of $TMP/NAME.log
+log_problems() {
+    local f=$TMP/$1.log n
+    [ -f "$f" ] || return 0
+    n=$(grep -cE ' (ERROR|WARN) |\[(ALERT|WARNING)\]' "$f" || true)
+    ((n > 0)) || return 0
+    NOTES+=("$1: $n ERROR/WARN lines in $f, first: $(grep -m3 -E ' (ERROR|WARN) |\[(ALERT|WARNING)\]' "$f" | cut -c1-300 | paste -sd'|')")
 }
 
 # ---------------------------------------------------------------- workloads
@@ -373,6 +492,45 @@ if want 4; then
     done
 fi
 
+# Row 5: HTTP mode, cookie stickiness, two nginx server blocks (one nginx, one worker);
+# "direct" = straight to the first server block
+if want 5; then
+    read -r BP1 BP2 HP SP < <(free_ports 4)
+    start_nginx nginx-http "$BP1" "$BP2"
+    start_haproxy_http "$HP" "$BP1" "$BP2"
+    PORT_direct=$BP1 PORT_haproxy=$HP PORT_switchyard=$SP
+    declare -A COOKIE=([direct]=s1)
+    HTTP_TARGETS=(direct)
+    check_http haproxy "$HP"
+    ((HTTP_OK)) && { HTTP_TARGETS+=(haproxy); COOKIE[haproxy]=$CK; }
+    if start_switchyard_http "$SP" "$BP1" "$BP2"; then
+        check_http switchyard "$SP"
+        ((HTTP_OK)) && { HTTP_TARGETS+=(switchyard); COOKIE[switchyard]=$CK; }
+    fi
+    for t in haproxy switchyard; do
+        [[ " ${HTTP_TARGETS[*]} " == *" $t "* ]] || { R[hck-rps,$t]=n/a R[hck-p99,$t]=n/a R[hst-rps,$t]=n/a R[hst-p99,$t]=n/a; }
+    done
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        log "row 5: HTTP mode, wrk keep-alive without cookie (round $ROUND/$ROUNDS)"
+        for t in $(in_order "$ROUND"); do
+            [[ " ${HTTP_TARGETS[*]} " == *" $t "* ]] || continue
+            p=PORT_$t; run_wrk hck "$t" "${!p}"
+        done
+    done
+    if ((ROW5_STICKY)); then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 5: HTTP mode, wrk keep-alive with the sticky cookie (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND"); do
+                [[ " ${HTTP_TARGETS[*]} " == *" $t "* ]] || continue
+                p=PORT_$t; run_wrk hst "$t" "${!p}" -H "Cookie: SERVERID=${COOKIE[$t]}"
+            done
+        done
+    fi
+    stop_all
+    log_problems switchyard-http
+    log_problems haproxy-http
+fi
+
 # ---------------------------------------------------------------- report
 ratio() { # ratio SWITCHYARD HAPROXY
     awk -v s="$1" -v h="$2" 'BEGIN {
@@ -389,13 +547,24 @@ fmt() { # fmt VALUE DECIMALS
 }
 
 rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
+# built from uncommitted sources? (only meaningful when the script built the binary)
+if [ "$SWITCHYARD_BIN" = "$ROOT/target/release/switchyard" ] &&
+    [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]; then
+    rev="$rev+uncommitted changes"
+fi
 echo
 echo "## switchyard load benchmark ($STARTED)"
 echo
 echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
      "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
-echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3: median of $ROUNDS rounds;"\
+echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3 and 5: median of $ROUNDS rounds;"\
      "$IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+if want 5; then
+    echo "Row 5: two nginx server blocks (one nginx worker); HAProxy \`mode http\`, \`balance roundrobin\`, \`cookie SERVERID insert indirect nocache\`;"\
+         "switchyard \`mode = \"http\"\`, roundrobin, \`[listener.sticky] method = \"lbcookie\"\`; direct = the first server block."\
+         "\"cookie insert\": wrk sends no cookie, so every request is balanced and answered with a Set-Cookie;"\
+         "\"sticky cookie\": wrk sends \`Cookie: SERVERID=<s1's value>\` (HAProxy \`s1\`, switchyard: taken from its Set-Cookie)."
+fi
 echo
 echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|"
@@ -411,10 +580,16 @@ row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
 row 3 "iperf3 throughput Gbit/s (higher is better)" iperf 2
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
-if ((ROUNDS > 1)) && { want 1 || want 2 || want 3; }; then
+row 5 "HTTP mode keep-alive req/s (cookie insert) (higher is better)" hck-rps 0
+row 5 "HTTP mode keep-alive p99 latency ms (cookie insert) (lower is better)" hck-p99 2
+if ((ROW5_STICKY)); then
+    row 5 "HTTP mode keep-alive req/s (sticky cookie) (higher is better)" hst-rps 0
+    row 5 "HTTP mode keep-alive p99 latency ms (sticky cookie) (lower is better)" hst-p99 2
+fi
+if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 5; }; then
     echo
     echo "Per-round values (direct / HAProxy / switchyard):"
-    for k in ka-rps ka-p99 close-rps close-p99 iperf; do
+    for k in ka-rps ka-p99 close-rps close-p99 iperf hck-rps hck-p99 hst-rps hst-p99; do
         [ -n "${R[$k,haproxy]:-}" ] || continue
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,switchyard]:-}"
     done

@@ -1,5 +1,6 @@
 //! The data path: accept → pick a backend → connect (with retry) → relay.
 
+pub mod http;
 pub mod relay;
 pub mod tcp;
 pub mod tripwire;
@@ -18,6 +19,9 @@ pub struct Route {
     pub config: Arc<ListenerConfig>,
     pub pool: Pool,
     pub metrics: ListenerMetrics,
+    /// HTTP mode: the lbCookie value of each backend (same order as
+    /// `pool.backends`); empty for other listeners.
+    pub cookie_ids: Vec<String>,
 }
 
 impl Route {
@@ -26,20 +30,29 @@ impl Route {
         backends: Vec<Arc<crate::backend::Backend>>,
         metrics: ListenerMetrics,
     ) -> Route {
+        let cookie_ids = match &config.sticky {
+            Some(_) => backends
+                .iter()
+                .map(|b| http::cookie_id(&config.name, &b.name))
+                .collect(),
+            None => Vec::new(),
+        };
         Route {
             pool: Pool::new(config.algorithm, backends),
             config,
             metrics,
+            cookie_ids,
         }
     }
 
     /// The same listener and backends, re-scheduled for their current
     /// health (after a backend went up or down).
     pub fn rebuilt(&self) -> Route {
-        Route::new(
-            self.config.clone(),
-            self.pool.backends.clone(),
-            self.metrics.clone(),
-        )
+        Route {
+            pool: Pool::new(self.config.algorithm, self.pool.backends.clone()),
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            cookie_ids: self.cookie_ids.clone(),
+        }
     }
 }

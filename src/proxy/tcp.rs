@@ -10,11 +10,11 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::Route;
 use super::relay::{self, End, Meter};
 use super::tripwire::Tripwire;
+use super::{Route, http};
 use crate::backend::{ActiveGuard, Backend, BackendState};
-use crate::config::OnMarkedDown;
+use crate::config::{Mode, OnMarkedDown};
 use crate::metrics::Reject;
 use crate::sockets;
 
@@ -28,6 +28,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ConnContext {
     /// Tracks connection tasks so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Tripped when shutdown begins: keep-alive HTTP connections finish
+    /// their request in progress and close.
+    pub draining: Tripwire,
     /// Tripped when open connections must be cut (end of shutdown grace).
     pub abort: Tripwire,
 }
@@ -50,11 +53,19 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let route = route.load_full();
-                let span = debug_span!("conn", listener = %route.config.name, %peer);
-                let abort = ctx.abort.clone();
-                ctx.tracker
-                    .spawn(serve(stream, peer, route, abort).instrument(span));
+                let current = route.load_full();
+                let span = debug_span!("conn", listener = %current.config.name, %peer);
+                match current.config.mode {
+                    Mode::Tcp => {
+                        let abort = ctx.abort.clone();
+                        ctx.tracker
+                            .spawn(serve(stream, peer, current, abort).instrument(span));
+                    }
+                    Mode::Http => {
+                        let conn = http::serve(stream, peer, route.clone(), ctx.clone());
+                        ctx.tracker.spawn(conn.instrument(span));
+                    }
+                }
             }
             Err(e) => {
                 let name = &route.load().config.name;

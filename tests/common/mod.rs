@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use switchyard::config;
 use switchyard::server::Server;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
@@ -115,6 +116,184 @@ impl NamedBackend {
 impl Drop for NamedBackend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// An HTTP/1.1 backend (hyper) that answers every request with its name in
+/// `x-backend`, what it saw in `x-seen-*` headers, and the request body
+/// echoed back as the response body (streamed, never buffered). An
+/// `Upgrade` request is answered 101 and the connection then echoes bytes.
+pub struct HttpBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl HttpBackend {
+    pub async fn start(name: &str) -> HttpBackend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), name).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, name: &str) -> HttpBackend {
+        use hyper::header::{HeaderName, HeaderValue};
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (count, me) = (requests.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (count, me) = (count.clone(), me.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let me = me.clone();
+                            async move {
+                                let seen = |name: &str| {
+                                    req.headers()
+                                        .get_all(name)
+                                        .iter()
+                                        .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                        .collect::<Vec<_>>()
+                                        .join(" | ")
+                                };
+                                let mut resp = hyper::Response::builder()
+                                    .header("x-backend", me.as_str())
+                                    .header("x-seen-cookie", seen("cookie"))
+                                    .header("x-seen-xff", seen("x-forwarded-for"))
+                                    .header("x-seen-xfp", seen("x-forwarded-proto"))
+                                    .header("x-seen-forwarded", seen("forwarded"))
+                                    .header("x-seen-connection", seen("connection"))
+                                    .header("x-seen-path", req.uri().to_string());
+                                if req.headers().contains_key("upgrade") {
+                                    let upgrade = hyper::upgrade::on(&mut req);
+                                    tokio::spawn(async move {
+                                        if let Ok(up) = upgrade.await {
+                                            let mut io = hyper_util::rt::TokioIo::new(up);
+                                            let mut buf = [0u8; 4096];
+                                            while let Ok(n @ 1..) = io.read(&mut buf).await {
+                                                if io.write_all(&buf[..n]).await.is_err() {
+                                                    break;
+                                                }
+                                            }
+                                        }
+                                    });
+                                    resp = resp
+                                        .status(101)
+                                        .header(
+                                            HeaderName::from_static("upgrade"),
+                                            HeaderValue::from_static("echo"),
+                                        )
+                                        .header(
+                                            HeaderName::from_static("connection"),
+                                            HeaderValue::from_static("upgrade"),
+                                        );
+                                    let empty = http_body_util::Empty::<bytes::Bytes>::new()
+                                        .map_err(|never| match never {})
+                                        .boxed();
+                                    return Ok::<_, std::convert::Infallible>(
+                                        resp.body(empty).unwrap(),
+                                    );
+                                }
+                                let body = http_body_util::BodyExt::boxed(req.into_body());
+                                Ok(resp.body(body).unwrap())
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        HttpBackend {
+            name: name.to_owned(),
+            addr,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection (hyper).
+pub struct HttpClient {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    pub addr: SocketAddr,
+}
+
+/// A response, read in full.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap())
+    }
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl HttpClient {
+    pub async fn connect(addr: SocketAddr) -> HttpClient {
+        let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        HttpClient { sender, addr }
+    }
+
+    /// One request on this connection; headers as (name, value) pairs.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> HttpReply {
+        use http_body_util::BodyExt;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "example.test");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        within("sender ready", self.sender.ready()).await.unwrap();
+        let resp = within("response", self.sender.send_request(req))
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = within("body", body.collect()).await.unwrap().to_bytes();
+        HttpReply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> HttpReply {
+        self.request("GET", path, headers, Vec::new()).await
     }
 }
 

@@ -1,0 +1,711 @@
+//! HTTP mode: every request routed on its own, lbCookie stickiness.
+//!
+//! Client connections are served by hyper's HTTP/1.1 server (keep-alive,
+//! pipelined requests answered in order, bodies streamed in both directions,
+//! never buffered whole). Each request reads the listener's *current* route,
+//! so a reload applies to keep-alive clients at their next request.
+//!
+//! lbCookie behaves like HAProxy's `cookie NAME insert indirect nocache`:
+//! - a request without a valid cookie is scheduled by the algorithm; the
+//!   response gets `Set-Cookie: NAME=<id>; Path=/; HttpOnly` (plus
+//!   `Max-Age`) and `Cache-Control: no-cache="set-cookie"`;
+//! - a cookie naming a backend that is up (even drained) pins the request
+//!   there and no new cookie is set;
+//! - a cookie naming a backend that is down, in maintenance, removed or
+//!   unknown is ignored: the request is scheduled and a new cookie set;
+//! - the balancer's own cookie is removed from the forwarded request; other
+//!   cookies pass byte for byte.
+//!
+//! `<id>` is a hash of the listener and backend names: opaque (no address or
+//! index), the same after a restart and on both members of an HA pair.
+//!
+//! Backend connections are kept alive in a small per-backend pool. A request
+//! only leaves for a backend once a connection to it is established, so a
+//! failed connect is retried on the next candidate with the request intact
+//! (502 only when every attempt failed; 503 when there is no candidate).
+//! Connection upgrades (WebSocket) get a dedicated backend connection and
+//! are then relayed as a byte stream.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Route;
+use super::tcp::ConnContext;
+use crate::backend::{ActiveGuard, AdminState, Backend, BackendState};
+use crate::balancer::hash_bytes;
+use crate::sockets;
+
+/// The body type on both sides of the proxy.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+type Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
+
+/// Largest request head (request line and headers) accepted; larger ones
+/// get 431. Matches common server limits (nginx's 4 × 8 KiB buffers).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Most headers in one request, as in hyper's own default.
+pub const MAX_HEADERS: usize = 100;
+
+/// Idle keep-alive connections kept per backend. Enough for bursts at a few
+/// thousand requests per second; idle ones cost the backend a socket each.
+const POOL_MAX_IDLE: usize = 64;
+
+/// Idle backend connections older than this are not reused: many servers
+/// close idle keep-alive connections after 5–75 s (Apache 5 s, nginx 75 s),
+/// and a connection closed under a request costs that request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The lbCookie value for a backend: 16 hex digits of a stable hash.
+pub fn cookie_id(listener: &str, backend: &str) -> String {
+    let mut key = Vec::with_capacity(listener.len() + backend.len() + 1);
+    key.extend_from_slice(listener.as_bytes());
+    key.push(0);
+    key.extend_from_slice(backend.as_bytes());
+    format!("{:016x}", hash_bytes(&key))
+}
+
+/// Idle backend connections of one backend.
+#[derive(Debug, Default)]
+pub struct ConnPool {
+    idle: std::sync::Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    addr: SocketAddr,
+    since: Instant,
+    sender: Sender,
+}
+
+impl ConnPool {
+    /// A ready connection to `addr`, if one is idle.
+    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if conn.addr == addr
+                && conn.since.elapsed() < POOL_IDLE_TIMEOUT
+                && conn.sender.is_ready()
+            {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push(Idle {
+                addr,
+                since: Instant::now(),
+                sender,
+            });
+        }
+    }
+
+    /// Close every idle connection (the backend went down).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Serve one client connection in HTTP mode.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<ArcSwap<Route>>,
+    ctx: ConnContext,
+) {
+    sockets::tune_stream(&client);
+    let started = Instant::now();
+    let (header_timeout, duration) = {
+        let r = route.load();
+        (
+            r.config.header_timeout,
+            r.metrics.connection_duration.clone(),
+        )
+    };
+    let service = service_fn(move |req| {
+        let route = route.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, &route).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let end = tokio::select! {
+        biased;
+        r = &mut conn => r,
+        () = ctx.draining.tripped() => {
+            // Shutting down: finish the request in progress, then close.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                biased;
+                r = &mut conn => r,
+                () = ctx.abort.tripped() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = end {
+        debug!(error = %e, "http connection ended with error");
+    }
+    duration.observe(started.elapsed().as_secs_f64());
+}
+
+/// Route and forward one request.
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    route: &ArcSwap<Route>,
+) -> Response<ProxyBody> {
+    let route = route.load_full();
+
+    // lbCookie: which backend does the request ask for, if any usable?
+    let sticky = route.config.sticky.as_ref();
+    let pinned = sticky.and_then(|s| {
+        let id = find_cookie(req.headers(), &s.cookie)?;
+        let i = route.cookie_index(&id)?;
+        let b = &route.pool.backends[i];
+        sticky_usable(&b.state).then(|| b.clone())
+    });
+    if let Some(s) = sticky {
+        strip_cookie(req.headers_mut(), &s.cookie);
+    }
+    let upgrade = wants_upgrade(req.headers());
+    prepare_request(&mut req, peer.ip(), upgrade);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // Wrap the body: counted per backend once it is known.
+    let (parts, body) = req.into_parts();
+    let body_counter = CounterSlot::default();
+    let mut req = Request::from_parts(
+        parts,
+        Metered::new(body, body_counter.clone(), None).boxed(),
+    );
+
+    let attempts = 1 + route.config.retries as usize;
+    let mut tried = 0;
+    let scheduled = route.pool.candidates(peer.ip());
+    let candidates = pinned.iter().chain(scheduled);
+    let mut last_error = None;
+    for backend in candidates {
+        if tried == attempts {
+            break;
+        }
+        if tried > 0 && pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, backend)) {
+            continue; // already tried as the pinned one
+        }
+        tried += 1;
+        let guard = backend.state.enter();
+        body_counter.set(backend.state.metrics.bytes_client_to_backend.clone());
+        let response = match forward(backend, &route, req, upgrade).await {
+            Ok(r) => r,
+            Err(Forward::NotSent(r, e)) => {
+                backend.state.record_connect_error();
+                debug!(backend = %backend.name, error = %e, "backend connect failed");
+                last_error = Some(e);
+                req = *r;
+                continue;
+            }
+            Err(Forward::Failed(e)) => {
+                debug!(backend = %backend.name, error = %e, "backend request failed");
+                backend.state.metrics.http().count(502);
+                return error_response(StatusCode::BAD_GATEWAY, "bad gateway");
+            }
+        };
+        let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, backend)));
+        let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let mut response = finish_response(
+            response,
+            backend,
+            guard,
+            insert.map(|s| (s, route.cookie_for(backend))),
+        );
+        backend
+            .state
+            .metrics
+            .http()
+            .count(response.status().as_u16());
+        if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
+            let backend_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+        }
+        return response;
+    }
+    match last_error {
+        Some(_) => {
+            route.metrics.http_unrouted.count(502);
+            error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered")
+        }
+        None => {
+            route.metrics.reject(crate::metrics::Reject::NoBackend);
+            route.metrics.http_unrouted.count(503);
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available")
+        }
+    }
+}
+
+/// A sticky cookie may keep a client on a backend that is up and not in
+/// maintenance (drained backends keep their sticky clients).
+fn sticky_usable(state: &BackendState) -> bool {
+    state.is_up() && state.admin_state() != AdminState::Maint
+}
+
+/// Why a request did not get a response from a backend.
+enum Forward {
+    /// No connection could be made: the request comes back untouched for
+    /// the next candidate.
+    NotSent(Box<Request<ProxyBody>>, std::io::Error),
+    /// Sent, then the backend failed: too late to try elsewhere.
+    Failed(hyper::Error),
+}
+
+/// Send `req` to `backend` on a pooled keep-alive connection, or a new one.
+/// A pooled connection that turns out closed before the request left is
+/// replaced by a new connection once.
+async fn forward(
+    backend: &Arc<Backend>,
+    route: &Route,
+    mut req: Request<ProxyBody>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, Forward> {
+    // Upgrades take a connection of their own: it never returns to the pool.
+    let mut pooled = if upgrade {
+        None
+    } else {
+        backend.state.http_pool.checkout(backend.addr)
+    };
+    loop {
+        let reused = pooled.is_some();
+        let mut sender = match pooled.take() {
+            Some(s) => s,
+            None => match connect(backend, route).await {
+                Ok(s) => s,
+                Err(e) => return Err(Forward::NotSent(Box::new(req), e)),
+            },
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                if !upgrade {
+                    let backend = backend.clone();
+                    tokio::spawn(async move {
+                        // Ready again once the response body has been read.
+                        if sender.ready().await.is_ok() {
+                            backend.state.http_pool.checkin(backend.addr, sender);
+                        }
+                    });
+                }
+                return Ok(response);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(back) if reused => req = back,
+                Some(back) => {
+                    return Err(Forward::NotSent(
+                        Box::new(back),
+                        std::io::Error::other(e.into_error()),
+                    ));
+                }
+                None => return Err(Forward::Failed(e.into_error())),
+            },
+        }
+    }
+}
+
+/// A new keep-alive connection to `backend`.
+async fn connect(backend: &Backend, route: &Route) -> std::io::Result<Sender> {
+    let stream = sockets::connect(backend.addr, route.config.connect_timeout).await?;
+    backend.state.record_established();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(error = %e, "backend connection ended with error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Relay an upgraded connection (WebSocket) until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+        debug!("upgrade did not complete");
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        debug!(error = %e, "upgraded connection ended with error");
+    }
+}
+
+impl Route {
+    /// Index of the backend an lbCookie value names.
+    fn cookie_index(&self, id: &str) -> Option<usize> {
+        self.cookie_ids.iter().position(|c| c == id)
+    }
+
+    fn cookie_for(&self, backend: &Backend) -> &str {
+        self.pool
+            .backends
+            .iter()
+            .position(|b| std::ptr::eq(&**b, backend))
+            .map_or("", |i| &self.cookie_ids[i])
+    }
+}
+
+/// The value of cookie `name` in the request's Cookie headers, if any.
+fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name)
+        .map(|c| c.value().to_owned())
+}
+
+/// Remove cookie `name` from every Cookie header; other cookies are kept
+/// exactly as sent. A header left empty is removed.
+fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
+    if values.is_empty() {
+        return;
+    }
+    let is_ours = |pair: &str| pair.split_once('=').map_or(pair, |(n, _)| n).trim() == name;
+    let mut kept = Vec::with_capacity(values.len());
+    let mut changed = false;
+    for v in values {
+        let Ok(text) = v.to_str() else {
+            kept.push(v);
+            continue;
+        };
+        let pairs: Vec<&str> = text
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        if !pairs.iter().any(|p| is_ours(p)) {
+            kept.push(v);
+            continue;
+        }
+        changed = true;
+        let rest: Vec<&str> = pairs.into_iter().filter(|p| !is_ours(p)).collect();
+        if !rest.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&rest.join("; "))
+        {
+            kept.push(v);
+        }
+    }
+    if changed {
+        headers.remove(header::COOKIE);
+        for v in kept {
+            headers.append(header::COOKIE, v);
+        }
+    }
+}
+
+/// Whether the client asks to switch protocols (WebSocket and the like).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded as such.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Remove hop-by-hop headers, including those the Connection header names.
+/// An upgrade keeps `Upgrade` and `Connection: upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // `Connection: Upgrade` names the Upgrade header itself: keep it aside.
+    let upgrade_to = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    if let Some(to) = upgrade_to {
+        headers.insert(header::UPGRADE, to);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Make the client's request fit to forward: hop-by-hop headers out,
+/// `X-Forwarded-For` appended, `X-Forwarded-Proto` and `Forwarded` added,
+/// origin-form target.
+fn prepare_request(req: &mut Request<Incoming>, client: IpAddr, upgrade: bool) {
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    let client = match client {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let xff_name = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<String> = headers
+        .get_all(&xff_name)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let xff = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(xff_name, v);
+    }
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&proto) {
+        headers.insert(proto, HeaderValue::from_static("http"));
+    }
+    let node = match client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto=http")) {
+        headers.append(header::FORWARDED, v);
+    }
+    // Absolute-form targets (proxy-style requests) become origin-form.
+    if req.uri().scheme().is_some()
+        && let Some(pq) = req.uri().path_and_query()
+        && let Ok(uri) = pq.as_str().parse()
+    {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The backend's response, made fit for the client: hop-by-hop headers out,
+/// the lbCookie inserted when needed, the body counted and holding the
+/// backend's in-flight count until it ends.
+fn finish_response(
+    response: Response<Incoming>,
+    backend: &Backend,
+    guard: ActiveGuard,
+    insert: Option<(&crate::config::Sticky, &str)>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Some((sticky, id)) = insert {
+        let mut c = cookie::Cookie::build((sticky.cookie.as_str(), id))
+            .path("/")
+            .http_only(true);
+        if let Some(age) = sticky.max_age {
+            c = c.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
+        }
+        if let Ok(v) = HeaderValue::from_str(&c.build().to_string()) {
+            parts.headers.append(header::SET_COOKIE, v);
+        }
+        parts.headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache=\"set-cookie\""),
+        );
+    }
+    let counter = CounterSlot::default();
+    counter.set(backend.state.metrics.bytes_backend_to_client.clone());
+    Response::from_parts(parts, Metered::new(body, counter, Some(guard)).boxed())
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(
+            Full::new(Bytes::from(format!("{message}\n")))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static response is valid")
+}
+
+/// Where a body's bytes are counted: set to the backend the request is
+/// about to go to (a retry moves it to the next one).
+#[derive(Debug, Clone, Default)]
+struct CounterSlot(Arc<arc_swap::ArcSwapOption<IntCounter>>);
+
+impl CounterSlot {
+    fn set(&self, counter: IntCounter) {
+        self.0.store(Some(Arc::new(counter)));
+    }
+
+    fn add(&self, n: usize) {
+        if let Some(c) = &*self.0.load() {
+            c.inc_by(n as u64);
+        }
+    }
+}
+
+/// A body passed through unchanged, its data bytes counted, holding an
+/// in-flight guard until it ends.
+struct Metered<B> {
+    inner: B,
+    counter: CounterSlot,
+    guard: Option<ActiveGuard>,
+}
+
+impl<B> Metered<B> {
+    fn new(inner: B, counter: CounterSlot, guard: Option<ActiveGuard>) -> Self {
+        Metered {
+            inner,
+            counter,
+            guard,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    self.counter.add(data.len());
+                }
+            }
+            // Ended (or failed): the request is no longer in flight.
+            _ => self.guard = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(cookies: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for c in cookies {
+            h.append(header::COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        h
+    }
+
+    fn cookies(h: &HeaderMap) -> Vec<&str> {
+        h.get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn cookie_ids_are_stable_opaque_and_distinct() {
+        assert_eq!(cookie_id("web", "web1"), cookie_id("web", "web1"));
+        assert_ne!(cookie_id("web", "web1"), cookie_id("web", "web2"));
+        assert_ne!(cookie_id("web", "web1"), cookie_id("api", "web1"));
+        assert_eq!(cookie_id("web", "web1").len(), 16);
+        // Pinned: an HA pair running two versions must agree.
+        assert_eq!(
+            cookie_id("web", "web1"),
+            format!("{:016x}", hash_bytes(b"web\0web1"))
+        );
+    }
+
+    #[test]
+    fn finds_the_cookie_among_several_headers() {
+        let h = headers(&["a=1; b=2", "SERVERID=abc; c=3"]);
+        assert_eq!(find_cookie(&h, "SERVERID").as_deref(), Some("abc"));
+        assert_eq!(find_cookie(&h, "zzz"), None);
+    }
+
+    #[test]
+    fn strips_only_our_cookie_and_keeps_the_rest_byte_for_byte() {
+        let mut h = headers(&["a=1;  b=\"x y\"", "SERVERID=abc; c=3", "SERVERID=def"]);
+        strip_cookie(&mut h, "SERVERID");
+        assert_eq!(cookies(&h), ["a=1;  b=\"x y\"", "c=3"]);
+        let mut h = headers(&["SERVERIDX=1; SERVERID=2"]);
+        strip_cookie(&mut h, "SERVERID");
+        assert_eq!(cookies(&h), ["SERVERIDX=1"]);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_named_by_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+}
