@@ -90,7 +90,7 @@ pub struct AdminServer {
 impl AdminServer {
     /// Bind `bind` and serve on it.
     pub fn start(bind: SocketAddr, ctx: Arc<AdminContext>) -> std::io::Result<AdminServer> {
-        let listener = sockets::bind_listener(bind)?;
+        let listener = sockets::bind_listener(bind, false)?;
         let local_addr = listener.local_addr()?;
         let stop = Tripwire::new();
         let task = tokio::spawn(serve(listener, ctx, stop.clone()));

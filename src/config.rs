@@ -82,6 +82,8 @@ pub struct RawListener {
     #[serde(default = "defaults::retries")]
     pub retries: u32,
     #[serde(default)]
+    pub freebind: bool,
+    #[serde(default)]
     pub on_marked_down: OnMarkedDown,
     #[serde(default)]
     pub health_check: HealthCheck,
@@ -323,6 +325,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// Further backends to try after a failed connect.
     pub retries: u32,
+    /// Bind even if the address is not local yet (a VIP that moves between
+    /// the members of an HA pair).
+    pub freebind: bool,
     pub on_marked_down: OnMarkedDown,
     pub health_check: HealthCheck,
     /// HTTP mode: time allowed for a request's headers.
@@ -653,6 +658,7 @@ impl Config {
                 connect_timeout: l.connect_timeout,
                 idle_timeout: l.idle_timeout,
                 retries: l.retries,
+                freebind: l.freebind,
                 on_marked_down: l.on_marked_down,
                 health_check: l.health_check,
                 header_timeout,

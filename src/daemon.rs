@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
 use crate::server::{Server, StartError};
+use crate::service;
 use crate::watch::ConfigWatcher;
 
 /// Why the daemon stopped other than cleanly. Maps to the exit codes of the
@@ -89,6 +90,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     server.reload(config).await?;
     server.metrics().record_reload(true);
     admin_ctx.set_ready(true);
+    service::ready();
+    let watchdog = service::spawn_watchdog();
     info!(config = %options.config.display(), watch = options.watch, "ready");
     let mut daemon = Daemon {
         server,
@@ -114,6 +117,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     // Not ready from the first moment of shutdown: load balancers in front
     // (keepalived, a cloud LB) stop sending before listeners close.
     daemon.admin_ctx.set_ready(false);
+    service::stopping();
     let grace = daemon.server.config().shutdown_timeout;
     let stop = daemon.server.shutdown(grace);
     tokio::pin!(stop);
@@ -125,6 +129,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     }
     if let Some(admin) = daemon.admin {
         admin.stop().await;
+    }
+    if let Some(w) = watchdog {
+        w.abort();
     }
     info!("stopped");
     Ok(())
@@ -145,8 +152,11 @@ struct Daemon {
 impl Daemon {
     /// Reload and count the result.
     async fn reload(&mut self, trigger: &str) -> bool {
+        service::reloading();
         let ok = self.try_reload(trigger).await;
         self.server.metrics().record_reload(ok);
+        // Serving either way: the new config, or the old one kept.
+        service::ready();
         ok
     }
 

@@ -29,6 +29,7 @@
 //! - [`server`] — binds listeners, builds and publishes routes, applies a
 //!   reload (bind first, then swap), shuts down gracefully.
 //! - [`daemon`] — the `run` command: config, server, signals.
+//! - [`service`] — systemd: sd_notify readiness/reload/stop, watchdog.
 //! - [`watch`] — `--watch`: reload when the config file changes.
 //! - [`sockets`] — every socket option in one place (socket2).
 
@@ -42,5 +43,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod service;
 pub mod sockets;
 pub mod watch;

@@ -107,6 +107,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         connect_timeout,
         idle_timeout,
         retries,
+        freebind,
         on_marked_down,
         health_check,
         header_timeout,
@@ -120,6 +121,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *connect_timeout == b.connect_timeout
         && *idle_timeout == b.idle_timeout
         && *retries == b.retries
+        && *freebind == b.freebind
         && *on_marked_down == b.on_marked_down
         && *health_check == b.health_check
         && *header_timeout == b.header_timeout

@@ -163,10 +163,12 @@ impl Server {
             );
             if needs_socket {
                 let l = find(change.listener()).expect("diff names new listeners");
-                let socket = sockets::bind_listener(l.bind).map_err(|source| StartError::Bind {
-                    listener: l.name.clone(),
-                    addr: l.bind,
-                    source,
+                let socket = sockets::bind_listener(l.bind, l.freebind).map_err(|source| {
+                    StartError::Bind {
+                        listener: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    }
                 })?;
                 sockets.insert(l.name.clone(), socket);
             }

@@ -12,15 +12,38 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// Bind a listening socket. `SO_REUSEADDR` lets a restarted daemon bind while
-/// old connections sit in TIME_WAIT.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// old connections sit in TIME_WAIT. With `freebind` (`IP_FREEBIND`) the
+/// address need not be local yet: the standby of an HA pair binds the
+/// virtual IP before keepalived moves it there.
+pub fn bind_listener(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if freebind {
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+        }
+    }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
+    socket.bind(&addr.into()).map_err(|e| {
+        if e.raw_os_error() == Some(EADDRNOTAVAIL) && !freebind {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{e} (not an address of this host; for a virtual IP set `freebind = true`)"
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
+
+/// `EADDRNOTAVAIL` on Linux (asm-generic/errno.h): "cannot assign
+/// requested address", what binding a non-local address fails with.
+const EADDRNOTAVAIL: i32 = 99;
 
 /// Connect to a backend within `timeout`.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
