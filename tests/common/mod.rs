@@ -437,6 +437,8 @@ pub struct Daemon {
     pub listeners: HashMap<String, SocketAddr>,
     /// The admin endpoint's address, from the log.
     pub admin: Option<SocketAddr>,
+    /// Every log line read so far, as written.
+    pub raw: Vec<String>,
     stderr: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
@@ -453,6 +455,11 @@ impl Daemon {
 
     /// Same, with extra arguments for `run` (e.g. `--watch`).
     pub fn start_with(toml: &str, args: &[&str]) -> Daemon {
+        Self::start_env(toml, args, &[])
+    }
+
+    /// Same, with extra environment variables.
+    pub fn start_env(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, toml).unwrap();
@@ -461,6 +468,7 @@ impl Daemon {
             .arg(&path)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -482,6 +490,7 @@ impl Daemon {
             path,
             listeners: HashMap::new(),
             admin: None,
+            raw: Vec::new(),
             stderr: rx,
             _dir: dir,
         };
@@ -497,6 +506,25 @@ impl Daemon {
                 .stderr
                 .recv_timeout(DEADLINE)
                 .expect("expected log line did not come before the deadline");
+            self.raw.push(line.clone());
+            // JSON logs: match on the same text a text log line would show.
+            let line = match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v.is_object() => {
+                    let fields = v["fields"].as_object().cloned().unwrap_or_default();
+                    let mut text = format!(
+                        " {}",
+                        fields.get("message").and_then(|m| m.as_str()).unwrap_or("")
+                    );
+                    for (k, v) in &fields {
+                        if k != "message" {
+                            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                            text += &format!(" {k}={v}");
+                        }
+                    }
+                    text
+                }
+                _ => line,
+            };
             if line.contains("admin listening") {
                 self.admin = Some(field(&line, "addr").parse().unwrap());
             } else if line.contains(" listening") && line.contains("addr=") {
