@@ -231,7 +231,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     d.signal("HUP");
     block_in_place(|| d.log_until(|l| l.contains("configuration reloaded")));
     let line = d
-        .json
+        .raw
         .iter()
         .rev()
         .find(|l| l.contains("configuration reloaded"))
