@@ -323,6 +323,7 @@ pub fn status(directory: &Directory) -> serde_json::Value {
                         "resolved_address": b.addr.to_string(),
                         "weight": b.weight,
                         "backup": b.backup,
+                        "max_connections": b.max_connections,
                         "health": if s.is_up() { "up" } else { "down" },
                         "admin_state": s.admin_state().as_str(),
                         "in_rotation": in_rotation.contains(&&*b.name),
@@ -342,6 +343,9 @@ pub fn status(directory: &Directory) -> serde_json::Value {
                 "mode": c.mode.as_str(),
                 "algorithm": c.algorithm.as_str(),
                 "active_connections": active,
+                "open_client_connections": route.open.open(),
+                "max_connections": c.max_connections,
+                "queued_connections": route.queue.waiting(),
                 "backends": backends,
             })
         })

@@ -7,7 +7,7 @@
 //! same counters. Everything on the connection path is an atomic: no locks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,8 @@ pub struct Backend {
     pub weight: u32,
     /// Used only while no non-backup backend can take connections.
     pub backup: bool,
+    /// Connections at most; more wait in the listener's queue.
+    pub max_connections: Option<u32>,
     /// Live state shared with every snapshot that contains this backend.
     pub state: Arc<BackendState>,
 }
@@ -46,6 +48,7 @@ impl Backend {
             addr: config.addr,
             weight: config.weight,
             backup: config.backup,
+            max_connections: config.max_connections,
             state,
         }
     }
@@ -106,6 +109,8 @@ pub struct BackendState {
     pub metrics: Arc<BackendMetrics>,
     /// HTTP mode: idle keep-alive connections to this backend.
     pub http_pool: ConnPool,
+    /// Slots in use against `max_connections` (when the backend has one).
+    capped: AtomicUsize,
 }
 
 impl Default for BackendState {
@@ -125,6 +130,7 @@ impl BackendState {
             cut: ArcSwap::from_pointee(Tripwire::new()),
             metrics,
             http_pool: ConnPool::default(),
+            capped: AtomicUsize::new(0),
         }
     }
 
@@ -147,6 +153,17 @@ impl BackendState {
 
     pub fn set_admin_state(&self, state: AdminState) {
         self.admin.store(state as u8, Relaxed);
+    }
+
+    /// Take one of `max` capped slots, if one is free.
+    pub(crate) fn try_take_capped(&self, max: u32) -> bool {
+        self.capped
+            .fetch_update(Relaxed, Relaxed, |n| (n < max as usize).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub(crate) fn release_capped(&self) {
+        self.capped.fetch_sub(1, Relaxed);
     }
 
     /// A tripwire tripped when this backend's open connections must close.

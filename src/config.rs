@@ -83,6 +83,21 @@ pub struct RawListener {
     pub retries: u32,
     #[serde(default)]
     pub freebind: bool,
+    /// Source allow-list (CIDRs or addresses); absent = everyone.
+    pub allow: Option<Vec<String>>,
+    pub max_connections: Option<u32>,
+    #[serde(default = "defaults::queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    #[serde(default = "defaults::keepalive")]
+    pub keepalive: bool,
+    #[serde(default = "defaults::keepalive_idle", with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "defaults::keepalive_count")]
+    pub keepalive_count: u32,
     #[serde(default)]
     pub on_marked_down: OnMarkedDown,
     #[serde(default)]
@@ -134,6 +149,7 @@ pub struct RawBackend {
     pub weight: u32,
     #[serde(default)]
     pub backup: bool,
+    pub max_connections: Option<u32>,
 }
 
 /// `[listener.health_check]`: a TCP connect probe per backend.
@@ -163,6 +179,29 @@ impl Default for HealthCheck {
             rise: defaults::rise(),
         }
     }
+}
+
+/// A PROXY protocol header sent to backends before any client byte.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    /// Text header (`PROXY TCP4 …\r\n`).
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// TCP keepalive on client and backend sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
 }
 
 /// What happens to open connections of a backend marked down.
@@ -203,6 +242,26 @@ mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+    /// How long a connection may wait for a backend below its cap; HAProxy's
+    /// `timeout queue` is commonly a few seconds.
+    pub fn queue_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    /// On by default: idle database connections survive stateful firewalls
+    /// (which commonly drop idle flows after 5–60 minutes) and dead peers
+    /// are found in idle + interval × count = 2 minutes.
+    pub fn keepalive() -> bool {
+        true
+    }
+    pub fn keepalive_idle() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn keepalive_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn keepalive_count() -> u32 {
+        6
     }
     /// HAProxy's and CloudStack's default lbCookie name.
     pub fn cookie() -> String {
@@ -328,6 +387,15 @@ pub struct ListenerConfig {
     /// Bind even if the address is not local yet (a VIP that moves between
     /// the members of an HA pair).
     pub freebind: bool,
+    /// Client sources allowed; `None` = everyone.
+    pub allow: Option<Vec<ipnet::IpNet>>,
+    /// Open client connections at most; beyond it accepting pauses.
+    pub max_connections: Option<u32>,
+    /// How long a connection waits for a backend below its cap.
+    pub queue_timeout: Duration,
+    pub proxy_protocol: ProxyProtocol,
+    /// `None` = keepalive off.
+    pub keepalive: Option<Keepalive>,
     pub on_marked_down: OnMarkedDown,
     pub health_check: HealthCheck,
     /// HTTP mode: time allowed for a request's headers.
@@ -348,6 +416,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Used only while no non-backup backend is up.
     pub backup: bool,
+    /// Connections at most; more wait in the listener's queue.
+    pub max_connections: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------
@@ -612,6 +682,40 @@ impl Config {
             }
             let header_timeout = l.header_timeout.unwrap_or_else(defaults::header_timeout);
             positive(header_timeout, &at.key("header_timeout"))?;
+            let allow = match &l.allow {
+                None => None,
+                Some(list) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(k, entry)| parse_net(entry).map_err(|m| err(at.item("allow", k), m)))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            if l.max_connections == Some(0) {
+                return Err(err(at.key("max_connections"), "must be at least 1".into()));
+            }
+            positive(l.queue_timeout, &at.key("queue_timeout"))?;
+            if l.proxy_protocol != ProxyProtocol::Off && l.mode == Mode::Http {
+                return Err(err(
+                    at.key("proxy_protocol"),
+                    "applies to `mode = \"tcp\"`; in http mode the client address is in X-Forwarded-For"
+                        .into(),
+                ));
+            }
+            let keepalive = if l.keepalive {
+                positive(l.keepalive_idle, &at.key("keepalive_idle"))?;
+                positive(l.keepalive_interval, &at.key("keepalive_interval"))?;
+                if l.keepalive_count == 0 {
+                    return Err(err(at.key("keepalive_count"), "must be at least 1".into()));
+                }
+                Some(Keepalive {
+                    idle: l.keepalive_idle,
+                    interval: l.keepalive_interval,
+                    count: l.keepalive_count,
+                })
+            } else {
+                None
+            };
             if l.backends.is_empty() {
                 return Err(err(
                     at.key("backend"),
@@ -635,6 +739,9 @@ impl Config {
                         ),
                     ));
                 }
+                if b.max_connections == Some(0) {
+                    return Err(err(at.key("max_connections"), "must be at least 1".into()));
+                }
                 if b.weight > MAX_WEIGHT {
                     return Err(err(
                         at.key("weight"),
@@ -648,6 +755,7 @@ impl Config {
                     addr,
                     weight: b.weight,
                     backup: b.backup,
+                    max_connections: b.max_connections,
                 });
             }
             listeners.push(Arc::new(ListenerConfig {
@@ -659,6 +767,11 @@ impl Config {
                 idle_timeout: l.idle_timeout,
                 retries: l.retries,
                 freebind: l.freebind,
+                allow,
+                max_connections: l.max_connections,
+                queue_timeout: l.queue_timeout,
+                proxy_protocol: l.proxy_protocol,
+                keepalive,
                 on_marked_down: l.on_marked_down,
                 health_check: l.health_check,
                 header_timeout,
@@ -798,6 +911,15 @@ fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
     } else {
         Ok(())
     }
+}
+
+/// A CIDR ("10.0.0.0/8", "::1/128") or a single address.
+fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
+    entry
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("`{entry}` is not an address or CIDR (\"10.0.0.0/8\", \"::1\")"))
 }
 
 /// The admin token: the file's content without surrounding white space.
@@ -972,6 +1094,31 @@ address = "[::1]:9000"
                 "header_timeout = \"5s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
                 "test.toml:4:18: listener[0].header_timeout: only applies",
                 "header timeout on tcp",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\", \"10.0.0.300\"]\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:24: listener[0].allow[1]: `10.0.0.300` is not an address or CIDR",
+                "bad allow entry",
+            ),
+            (
+                "max_connections = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].max_connections: must be at least 1",
+                "zero max_connections",
+            ),
+            (
+                "mode = \"http\"\nproxy_protocol = \"v2\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:18: listener[0].proxy_protocol: applies to `mode = \"tcp\"`",
+                "proxy protocol in http mode",
+            ),
+            (
+                "keepalive_count = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].keepalive_count: must be at least 1",
+                "zero keepalive count",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\nmax_connections = 0\n",
+                "test.toml:7:19: listener[0].backend[0].max_connections: must be at least 1",
+                "zero backend cap",
             ),
             (
                 "on_marked_down = \"restart\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",

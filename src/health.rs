@@ -93,7 +93,9 @@ impl Hysteresis {
 /// One probe: success is an established TCP connection within `timeout`.
 pub async fn probe(backend: &Backend, timeout: Duration) -> io::Result<()> {
     // Closed at once: the probe's only question is "does it accept?".
-    sockets::connect(backend.addr, timeout).await.map(drop)
+    sockets::connect(backend.addr, timeout, None)
+        .await
+        .map(drop)
 }
 
 /// What a probe task needs to know about its listener.
@@ -231,6 +233,7 @@ mod tests {
                 addr,
                 weight: 1,
                 backup: false,
+                max_connections: None,
             },
             Arc::new(BackendState::default()),
         ));

@@ -35,6 +35,7 @@ pub mod names {
     pub const CONNECTION_DURATION_SECONDS: &str = "switchyard_connection_duration_seconds";
     pub const HTTP_REQUESTS_TOTAL: &str = "switchyard_http_requests_total";
     pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
+    pub const ACCEPT_PAUSED_TOTAL: &str = "switchyard_accept_paused_total";
     pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
         "switchyard_config_last_reload_success_timestamp_seconds";
 }
@@ -89,6 +90,7 @@ pub struct Metrics {
     connection_duration: HistogramVec,
     http_requests: IntCounterVec,
     reloads: IntCounterVec,
+    accept_paused: IntCounterVec,
     last_reload_success: Gauge,
     /// Live per-backend handle sets, so a backend that is re-added while its
     /// old incarnation still drains shares one set of series.
@@ -176,6 +178,11 @@ impl Metrics {
                 "Configuration reloads, by result.",
                 &["result"],
             ),
+            accept_paused: counter(
+                ACCEPT_PAUSED_TOTAL,
+                "Times a listener stopped accepting because it reached max_connections.",
+                &["listener"],
+            ),
             last_reload_success: reg(
                 &registry,
                 Gauge::new(
@@ -257,6 +264,7 @@ impl Metrics {
             rejected_max_connections: reject(Reject::MaxConnections),
             rejected_no_backend: reject(Reject::NoBackend),
             connection_duration: self.connection_duration.with_label_values(&[listener]),
+            accept_paused: self.accept_paused.with_label_values(&[listener]),
             http_unrouted: Arc::new(HttpCodes::new(
                 self.http_requests.clone(),
                 (listener.into(), "".into()),
@@ -424,6 +432,8 @@ pub struct ListenerMetrics {
     pub rejected_max_connections: IntCounter,
     pub rejected_no_backend: IntCounter,
     pub connection_duration: Histogram,
+    /// Times accepting paused at the listener's max_connections.
+    pub accept_paused: IntCounter,
     /// HTTP responses that no backend produced (503, 502), `backend=""`.
     pub http_unrouted: Arc<HttpCodes>,
 }

@@ -108,6 +108,11 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         idle_timeout,
         retries,
         freebind,
+        allow,
+        max_connections,
+        queue_timeout,
+        proxy_protocol,
+        keepalive,
         on_marked_down,
         health_check,
         header_timeout,
@@ -122,6 +127,11 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *idle_timeout == b.idle_timeout
         && *retries == b.retries
         && *freebind == b.freebind
+        && *allow == b.allow
+        && *max_connections == b.max_connections
+        && *queue_timeout == b.queue_timeout
+        && *proxy_protocol == b.proxy_protocol
+        && *keepalive == b.keepalive
         && *on_marked_down == b.on_marked_down
         && *health_check == b.health_check
         && *header_timeout == b.header_timeout

@@ -26,6 +26,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::health::{self, ProbeContext};
 use crate::metrics::Metrics;
 use crate::proxy::Route;
+use crate::proxy::queue::{OpenCount, Queue};
 use crate::proxy::tcp::{self, ConnContext};
 use crate::proxy::tripwire::Tripwire;
 use crate::reload::{self, Change};
@@ -72,6 +73,8 @@ struct Listener {
     route: Arc<ArcSwap<Route>>,
     /// Wakes the refresher to rebuild the pool (a backend flipped).
     refresh: Arc<Notify>,
+    queue: Arc<Queue>,
+    open: Arc<OpenCount>,
     accept: Acceptor,
     refresher: JoinHandle<()>,
     probes: Vec<JoinHandle<()>>,
@@ -213,7 +216,11 @@ impl Server {
         };
         for name in touched {
             let config = find(&name).expect("touched listeners are in the new config");
-            let route = Arc::new(self.build_route(config.clone()));
+            let (queue, open) = match self.listeners.get(&name) {
+                Some(l) => (l.queue.clone(), l.open.clone()),
+                None => Default::default(),
+            };
+            let route = Arc::new(self.build_route(config.clone(), queue.clone(), open.clone()));
             let socket = sockets.remove(&name);
             match self.listeners.get_mut(&name) {
                 Some(l) => {
@@ -247,6 +254,8 @@ impl Server {
                         accept: spawn_acceptor(socket, &route, &self.ctx),
                         route,
                         refresh,
+                        queue,
+                        open,
                     };
                     info!(listener = %name, addr = %local, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
                     self.listeners.insert(name.clone(), listener);
@@ -272,7 +281,12 @@ impl Server {
 
     /// A route for `config`, with backend state from the registry (kept
     /// backends keep their counters and health).
-    fn build_route(&mut self, config: Arc<ListenerConfig>) -> Route {
+    fn build_route(
+        &mut self,
+        config: Arc<ListenerConfig>,
+        queue: Arc<Queue>,
+        open: Arc<OpenCount>,
+    ) -> Route {
         let backends = config
             .backends
             .iter()
@@ -282,7 +296,7 @@ impl Server {
             })
             .collect();
         let metrics = self.metrics.listener(&config.name);
-        Route::new(config, backends, metrics)
+        Route::new(config, backends, metrics, queue, open)
     }
 
     /// The running listeners, kept current across reloads.
@@ -321,6 +335,11 @@ impl Server {
     pub fn in_rotation(&self, listener: &str) -> Option<Vec<Arc<str>>> {
         let route = self.listeners.get(listener)?.route.load();
         Some(route.pool.in_rotation().map(|b| b.name.clone()).collect())
+    }
+
+    /// Connections of a listener waiting for a backend below its cap.
+    pub fn queued(&self, listener: &str) -> Option<usize> {
+        Some(self.listeners.get(listener)?.queue.waiting())
     }
 
     /// Open client connections.

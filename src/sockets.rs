@@ -4,7 +4,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::Keepalive;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Accept backlog. Linux's default `net.core.somaxconn` since 5.4; the kernel
@@ -46,7 +48,11 @@ pub fn bind_listener(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener
 const EADDRNOTAVAIL: i32 = 99;
 
 /// Connect to a backend within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<Keepalive>,
+) -> io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -54,16 +60,56 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    tune_stream(&stream);
+    tune_stream(&stream, keepalive);
     Ok(stream)
 }
 
 /// Options for an established connection, either side. Best effort: a
-/// failure costs latency, not correctness, so it is logged, not fatal.
-pub fn tune_stream(stream: &TcpStream) {
+/// failure costs latency or liveness detection, not correctness, so it is
+/// logged, not fatal.
+pub fn tune_stream(stream: &TcpStream, keepalive: Option<Keepalive>) {
     // Relayed writes are already coalesced by the peer; Nagle would only add
     // a delay to small request/response exchanges (database protocols).
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY failed");
+    }
+    if let Some(k) = keepalive {
+        let params = TcpKeepalive::new()
+            .with_time(k.idle)
+            .with_interval(k.interval)
+            .with_retries(k.count);
+        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&params) {
+            tracing::debug!(error = %e, "TCP keepalive failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_and_nodelay_are_applied() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        let k = Keepalive {
+            idle: Duration::from_secs(42),
+            interval: Duration::from_secs(7),
+            count: 5,
+        };
+        let s = connect(addr, Duration::from_secs(5), Some(k))
+            .await
+            .unwrap();
+        let sock = SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
+        assert!(s.nodelay().unwrap());
+        let plain = connect(addr, Duration::from_secs(5), None).await.unwrap();
+        assert!(!SockRef::from(&plain).keepalive().unwrap());
     }
 }

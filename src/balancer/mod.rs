@@ -177,6 +177,7 @@ pub(crate) mod test_support {
                     addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
                     weight: w,
                     backup: false,
+                    max_connections: None,
                     state: Arc::new(BackendState::default()),
                 })
             })

@@ -48,9 +48,11 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Route;
+use super::queue::{Busy, Open, Slot};
 use super::tcp::ConnContext;
-use crate::backend::{ActiveGuard, AdminState, Backend, BackendState};
+use crate::backend::{AdminState, Backend, BackendState};
 use crate::balancer::hash_bytes;
+use crate::metrics::Reject;
 use crate::sockets;
 
 /// The body type on both sides of the proxy.
@@ -134,8 +136,9 @@ pub async fn serve(
     peer: SocketAddr,
     route: Arc<ArcSwap<Route>>,
     ctx: ConnContext,
+    _open: Open,
 ) {
-    sockets::tune_stream(&client);
+    sockets::tune_stream(&client, route.load().config.keepalive);
     let started = Instant::now();
     let (header_timeout, duration) = {
         let r = route.load();
@@ -206,28 +209,43 @@ async fn handle(
         Metered::new(body, body_counter.clone(), None).boxed(),
     );
 
-    let attempts = 1 + route.config.retries as usize;
-    let mut tried = 0;
-    let scheduled = route.pool.candidates(peer.ip());
-    let candidates = pinned.iter().chain(scheduled);
-    let mut last_error = None;
-    for backend in candidates {
-        if tried == attempts {
-            break;
-        }
-        if tried > 0 && pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, backend)) {
-            continue; // already tried as the pinned one
-        }
-        tried += 1;
-        let guard = backend.state.enter();
+    let deadline = Instant::now() + route.config.queue_timeout;
+    let mut attempts = 1 + route.config.retries as usize;
+    let mut failed: Vec<Arc<Backend>> = Vec::new();
+    loop {
+        let pick = || {
+            let candidates = pinned
+                .iter()
+                .chain(route.pool.candidates(peer.ip()))
+                .filter(|b| !failed.iter().any(|f| Arc::ptr_eq(f, b)));
+            route.queue.take(candidates)
+        };
+        let (backend, slot) = match route.queue.acquire(deadline, pick).await {
+            Ok(taken) => taken,
+            Err(Busy::Capped) => {
+                route.metrics.reject(Reject::MaxConnections);
+                route.metrics.http_unrouted.count(503);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "all backends busy");
+            }
+            Err(Busy::NoCandidate) if failed.is_empty() => {
+                route.metrics.reject(Reject::NoBackend);
+                route.metrics.http_unrouted.count(503);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
+            }
+            Err(Busy::NoCandidate) => break,
+        };
         body_counter.set(backend.state.metrics.bytes_client_to_backend.clone());
-        let response = match forward(backend, &route, req, upgrade).await {
+        let response = match forward(&backend, &route, req, upgrade).await {
             Ok(r) => r,
             Err(Forward::NotSent(r, e)) => {
                 backend.state.record_connect_error();
                 debug!(backend = %backend.name, error = %e, "backend connect failed");
-                last_error = Some(e);
                 req = *r;
+                failed.push(backend);
+                attempts -= 1;
+                if attempts == 0 {
+                    break;
+                }
                 continue;
             }
             Err(Forward::Failed(e)) => {
@@ -236,13 +254,13 @@ async fn handle(
                 return error_response(StatusCode::BAD_GATEWAY, "bad gateway");
             }
         };
-        let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, backend)));
+        let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
         let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = finish_response(
             response,
-            backend,
-            guard,
-            insert.map(|s| (s, route.cookie_for(backend))),
+            &backend,
+            slot,
+            insert.map(|s| (s, route.cookie_for(&backend))),
         );
         backend
             .state
@@ -255,17 +273,8 @@ async fn handle(
         }
         return response;
     }
-    match last_error {
-        Some(_) => {
-            route.metrics.http_unrouted.count(502);
-            error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered")
-        }
-        None => {
-            route.metrics.reject(crate::metrics::Reject::NoBackend);
-            route.metrics.http_unrouted.count(503);
-            error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available")
-        }
-    }
+    route.metrics.http_unrouted.count(502);
+    error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered")
 }
 
 /// A sticky cookie may keep a client on a backend that is up and not in
@@ -336,7 +345,12 @@ async fn forward(
 
 /// A new keep-alive connection to `backend`.
 async fn connect(backend: &Backend, route: &Route) -> std::io::Result<Sender> {
-    let stream = sockets::connect(backend.addr, route.config.connect_timeout).await?;
+    let stream = sockets::connect(
+        backend.addr,
+        route.config.connect_timeout,
+        route.config.keepalive,
+    )
+    .await?;
     backend.state.record_established();
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -529,7 +543,7 @@ fn prepare_request(req: &mut Request<Incoming>, client: IpAddr, upgrade: bool) {
 fn finish_response(
     response: Response<Incoming>,
     backend: &Backend,
-    guard: ActiveGuard,
+    slot: Slot,
     insert: Option<(&crate::config::Sticky, &str)>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -552,7 +566,7 @@ fn finish_response(
     }
     let counter = CounterSlot::default();
     counter.set(backend.state.metrics.bytes_backend_to_client.clone());
-    Response::from_parts(parts, Metered::new(body, counter, Some(guard)).boxed())
+    Response::from_parts(parts, Metered::new(body, counter, Some(slot)).boxed())
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -585,16 +599,16 @@ impl CounterSlot {
     }
 }
 
-/// A body passed through unchanged, its data bytes counted, holding an
-/// in-flight guard until it ends.
+/// A body passed through unchanged, its data bytes counted, holding the
+/// request's backend slot (in flight, and against the cap) until it ends.
 struct Metered<B> {
     inner: B,
     counter: CounterSlot,
-    guard: Option<ActiveGuard>,
+    guard: Option<Slot>,
 }
 
 impl<B> Metered<B> {
-    fn new(inner: B, counter: CounterSlot, guard: Option<ActiveGuard>) -> Self {
+    fn new(inner: B, counter: CounterSlot, guard: Option<Slot>) -> Self {
         Metered {
             inner,
             counter,

@@ -1,6 +1,8 @@
 //! The data path: accept → pick a backend → connect (with retry) → relay.
 
 pub mod http;
+pub mod proxy_protocol;
+pub mod queue;
 pub mod relay;
 pub mod tcp;
 pub mod tripwire;
@@ -22,6 +24,10 @@ pub struct Route {
     /// HTTP mode: the lbCookie value of each backend (same order as
     /// `pool.backends`); empty for other listeners.
     pub cookie_ids: Vec<String>,
+    /// The listener's queue for capped backends (kept across reloads).
+    pub queue: Arc<queue::Queue>,
+    /// The listener's open client connections (kept across reloads).
+    pub open: Arc<queue::OpenCount>,
 }
 
 impl Route {
@@ -29,6 +35,8 @@ impl Route {
         config: Arc<ListenerConfig>,
         backends: Vec<Arc<crate::backend::Backend>>,
         metrics: ListenerMetrics,
+        queue: Arc<queue::Queue>,
+        open: Arc<queue::OpenCount>,
     ) -> Route {
         let cookie_ids = match &config.sticky {
             Some(_) => backends
@@ -42,6 +50,8 @@ impl Route {
             config,
             metrics,
             cookie_ids,
+            queue,
+            open,
         }
     }
 
@@ -53,6 +63,8 @@ impl Route {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             cookie_ids: self.cookie_ids.clone(),
+            queue: self.queue.clone(),
+            open: self.open.clone(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! TCP mode: the accept loop and one client connection's life.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +8,13 @@ use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
+use super::queue::{Busy, Open, Slot};
 use super::relay::{self, End, Meter};
 use super::tripwire::Tripwire;
-use super::{Route, http};
-use crate::backend::{ActiveGuard, Backend, BackendState};
+use super::{Route, http, proxy_protocol};
+use crate::backend::{Backend, BackendState};
 use crate::config::{Mode, OnMarkedDown};
 use crate::metrics::Reject;
 use crate::sockets;
@@ -45,7 +46,40 @@ pub async fn accept_loop(
 ) {
     let stopped = stop.tripped();
     tokio::pin!(stopped);
+    let mut paused = false;
     loop {
+        // At max_connections, stop accepting: clients wait in the backlog.
+        // (The route is not held across the accept: an old snapshot must
+        // not outlive a reload while the listener is quiet.)
+        let limit = {
+            let current = route.load();
+            current.config.max_connections.map(|max| {
+                (
+                    max as usize,
+                    current.open.clone(),
+                    current.config.name.clone(),
+                )
+            })
+        };
+        if let Some((max, open, name)) = limit {
+            if open.open() >= max {
+                if !paused {
+                    paused = true;
+                    route.load().metrics.accept_paused.inc();
+                    warn!(listener = %name, max, "max_connections reached; accepting paused");
+                }
+                tokio::select! {
+                    biased;
+                    () = &mut stopped => return,
+                    () = open.below(max) => {}
+                }
+                continue;
+            }
+            if paused {
+                paused = false;
+                info!(listener = %name, "accepting again");
+            }
+        }
         let accepted = tokio::select! {
             biased;
             () = &mut stopped => return,
@@ -54,15 +88,24 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let current = route.load_full();
+                if let Some(allow) = &current.config.allow
+                    && !allowed(allow, peer.ip())
+                {
+                    // Closed before any backend is contacted.
+                    current.metrics.reject(Reject::Acl);
+                    debug!(listener = %current.config.name, %peer, "source not allowed");
+                    continue;
+                }
+                let open = current.open.enter();
                 let span = debug_span!("conn", listener = %current.config.name, %peer);
                 match current.config.mode {
                     Mode::Tcp => {
                         let abort = ctx.abort.clone();
                         ctx.tracker
-                            .spawn(serve(stream, peer, current, abort).instrument(span));
+                            .spawn(serve(stream, peer, current, abort, open).instrument(span));
                     }
                     Mode::Http => {
-                        let conn = http::serve(stream, peer, route.clone(), ctx.clone());
+                        let conn = http::serve(stream, peer, route.clone(), ctx.clone(), open);
                         ctx.tracker.spawn(conn.instrument(span));
                     }
                 }
@@ -79,14 +122,43 @@ pub async fn accept_loop(
     }
 }
 
-/// Serve one client connection to its end.
-async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Tripwire) {
-    sockets::tune_stream(&client);
-    let Some((backend, upstream, guard)) = connect_backend(&route, peer).await else {
-        debug!("no backend available; closing");
-        route.metrics.reject(Reject::NoBackend);
-        return;
+/// Whether a client address is in the allow-list (IPv4 clients seen
+/// through a dual-stack socket are checked as IPv4).
+pub fn allowed(allow: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
     };
+    allow.iter().any(|net| net.contains(&ip))
+}
+
+/// Serve one client connection to its end.
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    abort: Tripwire,
+    _open: Open,
+) {
+    sockets::tune_stream(&client, route.config.keepalive);
+    let (backend, upstream, slot) = match connect_backend(&route, peer).await {
+        Ok(connected) => connected,
+        Err(reason) => {
+            debug!(reason = reason.as_str(), "closing unserved");
+            route.metrics.reject(reason);
+            return;
+        }
+    };
+    if let Some(header) = client
+        .local_addr()
+        .ok()
+        .and_then(|local| proxy_protocol::header(route.config.proxy_protocol, peer, local))
+        && let Err(e) = write_all(&upstream, &header).await
+    {
+        debug!(error = %e, "sending the PROXY header failed");
+        return;
+    }
+    let guard = slot.guard();
     let started = Instant::now();
     debug!(backend = %backend.name, "connected");
     let meter = BackendMeter(guard.state());
@@ -121,27 +193,64 @@ async fn serve(client: TcpStream, peer: SocketAddr, route: Arc<Route>, abort: Tr
     debug!(end, "connection ended");
 }
 
-/// Connect to the first candidate that answers, trying at most
-/// `1 + retries` of them.
+/// Connect to the first candidate that answers and is below its cap,
+/// trying at most `1 + retries` of them; when every candidate is at its
+/// cap, wait in the listener's queue up to `queue_timeout`.
 async fn connect_backend(
     route: &Route,
     peer: SocketAddr,
-) -> Option<(Arc<Backend>, TcpStream, ActiveGuard)> {
-    let attempts = 1 + route.config.retries as usize;
-    for backend in route.pool.candidates(peer.ip()).take(attempts) {
-        let guard = backend.state.enter();
-        match sockets::connect(backend.addr, route.config.connect_timeout).await {
+) -> Result<(Arc<Backend>, TcpStream, Slot), Reject> {
+    let deadline = Instant::now() + route.config.queue_timeout;
+    let mut attempts = 1 + route.config.retries as usize;
+    let mut failed: Vec<Arc<Backend>> = Vec::new();
+    loop {
+        let pick = || {
+            let candidates = route
+                .pool
+                .candidates(peer.ip())
+                .filter(|b| !failed.iter().any(|f| Arc::ptr_eq(f, b)));
+            route.queue.take(candidates)
+        };
+        let (backend, slot) = match route.queue.acquire(deadline, pick).await {
+            Ok(taken) => taken,
+            Err(Busy::Capped) => return Err(Reject::MaxConnections),
+            Err(Busy::NoCandidate) => return Err(Reject::NoBackend),
+        };
+        match sockets::connect(
+            backend.addr,
+            route.config.connect_timeout,
+            route.config.keepalive,
+        )
+        .await
+        {
             Ok(stream) => {
                 backend.state.record_established();
-                return Some((backend.clone(), stream, guard));
+                return Ok((backend, stream, slot));
             }
             Err(e) => {
                 backend.state.record_connect_error();
                 debug!(backend = %backend.name, error = %e, "backend connect failed");
+                failed.push(backend);
+                attempts -= 1;
+                if attempts == 0 {
+                    return Err(Reject::NoBackend);
+                }
             }
         }
     }
-    None
+}
+
+/// Write all of `data` (a PROXY header: a few dozen bytes).
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Counts relayed bytes on the backend's live state.
@@ -178,8 +287,15 @@ mod tests {
         );
         let cfg = config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
         let metrics = crate::metrics::Metrics::new().listener("l");
-        let route = Arc::new(Route::new(cfg.listeners[0].clone(), vec![], metrics));
-        let conn = serve(client, addr, route, Tripwire::new());
+        let route = Arc::new(Route::new(
+            cfg.listeners[0].clone(),
+            vec![],
+            metrics,
+            Default::default(),
+            Default::default(),
+        ));
+        let open = route.open.enter();
+        let conn = serve(client, addr, route, Tripwire::new(), open);
         assert!(
             size_of_val(&conn) <= 1024,
             "serve: {} bytes",

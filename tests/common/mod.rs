@@ -51,6 +51,8 @@ pub struct NamedBackend {
     pub accepted: Arc<AtomicUsize>,
     /// Connections currently open.
     pub open: Arc<AtomicUsize>,
+    /// The most connections ever open at once.
+    pub max_open: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -64,14 +66,17 @@ impl NamedBackend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
+        let max_open = Arc::new(AtomicUsize::new(0));
         let (acc, op, greeting) = (accepted.clone(), open.clone(), format!("{name}\n"));
+        let peak = max_open.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
                 acc.fetch_add(1, Ordering::SeqCst);
-                op.fetch_add(1, Ordering::SeqCst);
+                let now = op.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
                 let (greeting, op) = (greeting.clone(), op.clone());
                 tokio::spawn(async move {
                     let _ = s.write_all(greeting.as_bytes()).await;
@@ -95,6 +100,7 @@ impl NamedBackend {
             addr,
             accepted,
             open,
+            max_open,
             task,
         }
     }

@@ -1,0 +1,174 @@
+//! Per-backend connection caps and the listener's waiting queue.
+//!
+//! A backend with `max_connections` takes at most that many connections
+//! (HTTP mode: requests in flight). When every candidate is at its cap, the
+//! connection waits in its listener's queue — first come, first served —
+//! for up to `queue_timeout`. A freed slot wakes the longest waiter, and
+//! newcomers queue behind waiters rather than overtaking them. This is how
+//! a pool is kept under PostgreSQL's `max_connections`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::backend::{ActiveGuard, Backend};
+
+/// A listener's waiting room; shared by its routes across reloads.
+#[derive(Debug, Default)]
+pub struct Queue {
+    waiting: AtomicUsize,
+    /// Woken (one waiter at a time, oldest first) when a capped slot frees.
+    freed: Notify,
+}
+
+/// One connection's place on a backend: counted as active, and against the
+/// backend's cap if it has one.
+#[derive(Debug)]
+pub struct Slot {
+    guard: ActiveGuard,
+    capped: Option<Arc<Queue>>,
+}
+
+impl Slot {
+    pub fn guard(&self) -> &ActiveGuard {
+        &self.guard
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(queue) = &self.capped {
+            self.guard.state().release_capped();
+            queue.freed.notify_one();
+        }
+    }
+}
+
+/// Why no slot could be taken right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// No candidate at all.
+    NoCandidate,
+    /// Every candidate is at its cap.
+    Capped,
+}
+
+impl Queue {
+    /// Connections waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Take a slot on the first candidate below its cap.
+    pub fn take<'a>(
+        self: &Arc<Self>,
+        candidates: impl IntoIterator<Item = &'a Arc<Backend>>,
+    ) -> Result<(Arc<Backend>, Slot), Busy> {
+        let mut busy = Busy::NoCandidate;
+        for backend in candidates {
+            let slot = match backend.max_connections {
+                None => Slot {
+                    guard: backend.state.enter(),
+                    capped: None,
+                },
+                Some(max) if backend.state.try_take_capped(max) => Slot {
+                    guard: backend.state.enter(),
+                    capped: Some(self.clone()),
+                },
+                Some(_) => {
+                    busy = Busy::Capped;
+                    continue;
+                }
+            };
+            return Ok((backend.clone(), slot));
+        }
+        Err(busy)
+    }
+
+    /// Take a slot with `pick`, queuing behind earlier waiters when needed;
+    /// `Err(Busy::Capped)` once `deadline` passes.
+    pub async fn acquire(
+        &self,
+        deadline: Instant,
+        mut pick: impl FnMut() -> Result<(Arc<Backend>, Slot), Busy>,
+    ) -> Result<(Arc<Backend>, Slot), Busy> {
+        // Newcomers do not overtake connections that already wait.
+        if self.waiting() == 0 {
+            match pick() {
+                Err(Busy::Capped) => {}
+                done => return done,
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _leave = Leave(&self.waiting);
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a slot freed meanwhile wakes us.
+            notified.as_mut().enable();
+            match pick() {
+                Err(Busy::Capped) => {}
+                done => return done,
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return Err(Busy::Capped),
+            }
+        }
+    }
+}
+
+/// Leaves the queue however the wait ends.
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Open client connections of a listener, held against its
+/// `max_connections`: at the limit the accept loop pauses, and further
+/// clients wait in the kernel's backlog.
+#[derive(Debug, Default)]
+pub struct OpenCount {
+    open: AtomicUsize,
+    freed: Notify,
+}
+
+/// One open client connection; counted until dropped.
+#[derive(Debug)]
+pub struct Open(Arc<OpenCount>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.freed.notify_one();
+    }
+}
+
+impl OpenCount {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn enter(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        Open(self.clone())
+    }
+
+    /// Wait until fewer than `max` connections are open.
+    pub async fn below(&self, max: usize) {
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open() < max {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
