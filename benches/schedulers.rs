@@ -28,6 +28,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
                 addr: addr.parse().unwrap(),
                 weight: 1 + (i % 3) as u32,
                 backup: false,
+                max_connections: None,
                 state,
             })
         })

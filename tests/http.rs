@@ -329,7 +329,9 @@ async fn slow_header_client_is_cut_at_the_header_timeout() {
 
     // A keep-alive client idle after its request is closed the same way.
     let mut s = connect_from(server.local_addr("web").unwrap(), None).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let idle_since = tokio::time::Instant::now();
