@@ -11,7 +11,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use switchyard::backend::{Backend, BackendState};
 use switchyard::balancer::Pool;
-use switchyard::config::Algorithm;
+use switchyard::config::{Algorithm, BackendConfig};
 
 fn backends(n: usize) -> Vec<Arc<Backend>> {
     (0..n)
@@ -22,15 +22,17 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
             for _ in 0..(i * 7 % 13) {
                 std::mem::forget(state.enter());
             }
-            Arc::new(Backend {
-                name: format!("backend-{i}").into(),
-                address: addr.clone(),
-                addr: addr.parse().unwrap(),
-                weight: 1 + (i % 3) as u32,
-                backup: false,
-                max_connections: None,
+            Arc::new(Backend::new(
+                &BackendConfig {
+                    name: format!("backend-{i}").into(),
+                    address: addr.clone(),
+                    addr: addr.parse().unwrap(),
+                    weight: 1 + (i % 3) as u32,
+                    backup: false,
+                    max_connections: None,
+                },
                 state,
-            })
+            ))
         })
         .collect()
 }

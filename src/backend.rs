@@ -6,7 +6,6 @@
 //! name), so a reload that keeps the backend hands the new snapshot the very
 //! same counters. Everything on the connection path is an atomic: no locks.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,32 +22,28 @@ use crate::proxy::tripwire::Tripwire;
 /// (listener name, backend name): how live state is found across reloads.
 pub type BackendKey = (Arc<str>, Arc<str>);
 
-/// One backend as the current snapshot sees it.
+/// One backend as the current snapshot sees it: its config (name,
+/// address, weight… — reachable directly through `Deref`) and its live
+/// state, which outlives the snapshot.
 #[derive(Debug)]
 pub struct Backend {
-    pub name: Arc<str>,
-    /// The address as configured (may be a host name).
-    pub address: String,
-    /// Where new connections go.
-    pub addr: SocketAddr,
-    pub weight: u32,
-    /// Used only while no non-backup backend can take connections.
-    pub backup: bool,
-    /// Connections at most; more wait in the listener's queue.
-    pub max_connections: Option<u32>,
+    pub config: BackendConfig,
     /// Live state shared with every snapshot that contains this backend.
     pub state: Arc<BackendState>,
+}
+
+impl std::ops::Deref for Backend {
+    type Target = BackendConfig;
+
+    fn deref(&self) -> &BackendConfig {
+        &self.config
+    }
 }
 
 impl Backend {
     pub fn new(config: &BackendConfig, state: Arc<BackendState>) -> Backend {
         Backend {
-            name: config.name.clone(),
-            address: config.address.clone(),
-            addr: config.addr,
-            weight: config.weight,
-            backup: config.backup,
-            max_connections: config.max_connections,
+            config: config.clone(),
             state,
         }
     }

@@ -164,6 +164,7 @@ impl Scheduler for NoBackend {
 pub(crate) mod test_support {
     use super::*;
     use crate::backend::BackendState;
+    use crate::config::BackendConfig;
 
     /// Backends named b0, b1, … with the given weights.
     pub fn backends(weights: &[u32]) -> Vec<Arc<Backend>> {
@@ -171,15 +172,18 @@ pub(crate) mod test_support {
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                Arc::new(Backend {
-                    name: format!("b{i}").into(),
-                    address: format!("127.0.0.1:{}", 10_000 + i),
-                    addr: format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
-                    weight: w,
-                    backup: false,
-                    max_connections: None,
-                    state: Arc::new(BackendState::default()),
-                })
+                let addr = format!("127.0.0.1:{}", 10_000 + i);
+                Arc::new(Backend::new(
+                    &BackendConfig {
+                        name: format!("b{i}").into(),
+                        address: addr.clone(),
+                        addr: addr.parse().unwrap(),
+                        weight: w,
+                        backup: false,
+                        max_connections: None,
+                    },
+                    Arc::new(BackendState::default()),
+                ))
             })
             .collect()
     }
@@ -222,7 +226,7 @@ mod tests {
     #[test]
     fn down_backends_are_skipped_and_backups_stand_in() {
         let mut list = backends(&[1, 1, 1]);
-        Arc::get_mut(&mut list[2]).unwrap().backup = true;
+        Arc::get_mut(&mut list[2]).unwrap().config.backup = true;
         let names = |pool: &Pool| -> Vec<String> {
             let mut v: Vec<_> = pool
                 .candidates("10.0.0.1".parse().unwrap())

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Route;
-use super::queue::{Busy, Open, Slot};
+use super::queue::{Busy, Open, Picker, Slot};
 use super::tcp::ConnContext;
 use crate::backend::{AdminState, Backend, BackendState};
 use crate::balancer::hash_bytes;
@@ -211,15 +211,16 @@ async fn handle(
 
     let deadline = Instant::now() + route.config.queue_timeout;
     let mut attempts = 1 + route.config.retries as usize;
-    let mut failed: Vec<Arc<Backend>> = Vec::new();
+    let mut failed = false;
+    // The cookie's backend first, then the scheduler's order; a retry takes
+    // the next one.
+    let scheduled = route
+        .pool
+        .candidates(peer.ip())
+        .filter(|b| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, b)));
+    let mut picker = Picker::new(pinned.iter().chain(scheduled));
     loop {
-        let pick = || {
-            let candidates = pinned
-                .iter()
-                .chain(route.pool.candidates(peer.ip()))
-                .filter(|b| !failed.iter().any(|f| Arc::ptr_eq(f, b)));
-            route.queue.take(candidates)
-        };
+        let pick = || picker.pick(&route.queue);
         let (backend, slot) = match route.queue.acquire(deadline, pick).await {
             Ok(taken) => taken,
             Err(Busy::Capped) => {
@@ -227,7 +228,7 @@ async fn handle(
                 route.metrics.http_unrouted.count(503);
                 return error_response(StatusCode::SERVICE_UNAVAILABLE, "all backends busy");
             }
-            Err(Busy::NoCandidate) if failed.is_empty() => {
+            Err(Busy::NoCandidate) if !failed => {
                 route.metrics.reject(Reject::NoBackend);
                 route.metrics.http_unrouted.count(503);
                 return error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
@@ -241,7 +242,7 @@ async fn handle(
                 backend.state.record_connect_error();
                 debug!(backend = %backend.name, error = %e, "backend connect failed");
                 req = *r;
-                failed.push(backend);
+                failed = true;
                 attempts -= 1;
                 if attempts == 0 {
                     break;

@@ -61,30 +61,19 @@ impl Queue {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    /// Take a slot on the first candidate below its cap.
-    pub fn take<'a>(
-        self: &Arc<Self>,
-        candidates: impl IntoIterator<Item = &'a Arc<Backend>>,
-    ) -> Result<(Arc<Backend>, Slot), Busy> {
-        let mut busy = Busy::NoCandidate;
-        for backend in candidates {
-            let slot = match backend.max_connections {
-                None => Slot {
-                    guard: backend.state.enter(),
-                    capped: None,
-                },
-                Some(max) if backend.state.try_take_capped(max) => Slot {
-                    guard: backend.state.enter(),
-                    capped: Some(self.clone()),
-                },
-                Some(_) => {
-                    busy = Busy::Capped;
-                    continue;
-                }
-            };
-            return Ok((backend.clone(), slot));
+    /// A slot on `backend`, unless it is at its cap.
+    pub fn try_slot(self: &Arc<Self>, backend: &Backend) -> Option<Slot> {
+        match backend.max_connections {
+            None => Some(Slot {
+                guard: backend.state.enter(),
+                capped: None,
+            }),
+            Some(max) if backend.state.try_take_capped(max) => Some(Slot {
+                guard: backend.state.enter(),
+                capped: Some(self.clone()),
+            }),
+            Some(_) => None,
         }
-        Err(busy)
     }
 
     /// Take a slot with `pick`, queuing behind earlier waiters when needed;
@@ -116,6 +105,46 @@ impl Queue {
                 () = notified => {}
                 () = tokio::time::sleep_until(deadline) => return Err(Busy::Capped),
             }
+        }
+    }
+}
+
+/// Walks one connection's candidates in scheduler order, each offered
+/// once: a backend that failed is not offered again, and one that was at
+/// its cap is looked at again (first, in order) when a slot frees.
+pub struct Picker<I> {
+    candidates: I,
+    capped: Vec<Arc<Backend>>,
+}
+
+impl<'a, I: Iterator<Item = &'a Arc<Backend>>> Picker<I> {
+    pub fn new(candidates: I) -> Self {
+        Picker {
+            candidates,
+            capped: Vec::new(),
+        }
+    }
+
+    /// The next candidate with a free slot.
+    pub fn pick(&mut self, queue: &Arc<Queue>) -> Result<(Arc<Backend>, Slot), Busy> {
+        if let Some((i, slot)) = self
+            .capped
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| queue.try_slot(b).map(|slot| (i, slot)))
+        {
+            return Ok((self.capped.remove(i), slot));
+        }
+        for backend in self.candidates.by_ref() {
+            match queue.try_slot(backend) {
+                Some(slot) => return Ok((backend.clone(), slot)),
+                None => self.capped.push(backend.clone()),
+            }
+        }
+        if self.capped.is_empty() {
+            Err(Busy::NoCandidate)
+        } else {
+            Err(Busy::Capped)
         }
     }
 }

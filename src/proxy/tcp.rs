@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use super::queue::{Busy, Open, Slot};
+use super::queue::{Busy, Open, Picker, Slot};
 use super::relay::{self, End, Meter};
 use super::tripwire::Tripwire;
 use super::{Route, http, proxy_protocol};
@@ -202,15 +202,10 @@ async fn connect_backend(
 ) -> Result<(Arc<Backend>, TcpStream, Slot), Reject> {
     let deadline = Instant::now() + route.config.queue_timeout;
     let mut attempts = 1 + route.config.retries as usize;
-    let mut failed: Vec<Arc<Backend>> = Vec::new();
+    // One selection per connection: a retry takes the next candidate.
+    let mut picker = Picker::new(route.pool.candidates(peer.ip()));
     loop {
-        let pick = || {
-            let candidates = route
-                .pool
-                .candidates(peer.ip())
-                .filter(|b| !failed.iter().any(|f| Arc::ptr_eq(f, b)));
-            route.queue.take(candidates)
-        };
+        let pick = || picker.pick(&route.queue);
         let (backend, slot) = match route.queue.acquire(deadline, pick).await {
             Ok(taken) => taken,
             Err(Busy::Capped) => return Err(Reject::MaxConnections),
@@ -230,7 +225,6 @@ async fn connect_backend(
             Err(e) => {
                 backend.state.record_connect_error();
                 debug!(backend = %backend.name, error = %e, "backend connect failed");
-                failed.push(backend);
                 attempts -= 1;
                 if attempts == 0 {
                     return Err(Reject::NoBackend);
