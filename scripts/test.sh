@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # command → Debian package that provides it
 declare -A needs=(
   [promtool]=prometheus          # checks deploy/prometheus/ rules and config
+  [systemd-analyze]=systemd      # verifies deploy/switchyard.service
+  [curl]=curl                    # the keepalived readiness check script
 )
 missing=()
 for cmd in "${!needs[@]}"; do
