@@ -43,10 +43,18 @@ if ((${#need[@]})); then
 fi
 # Debian's nginx package may start a system instance; ours is separate (own prefix and port).
 
+SY_GIVEN=${SWITCHYARD_BIN:+1}
 if [ -z "$SWITCHYARD_BIN" ]; then
     log "building switchyard (cargo build --release)"
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
     SWITCHYARD_BIN=$ROOT/target/release/switchyard
+fi
+# The commit, read when the binary is built (the tree may move on during the run).
+rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
+if [ -n "$SY_GIVEN" ]; then
+    rev="(SWITCHYARD_BIN given; the repository is at $rev)"
+elif [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]; then
+    rev="$rev+uncommitted changes"
 fi
 [ -x "$SWITCHYARD_BIN" ] || die "no switchyard binary at $SWITCHYARD_BIN"
 
@@ -546,12 +554,6 @@ fmt() { # fmt VALUE DECIMALS
     awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^-?[0-9.]+$/) printf "%.*f", d, v; else print v }'
 }
 
-rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
-# built from uncommitted sources? (only meaningful when the script built the binary)
-if [ "$SWITCHYARD_BIN" = "$ROOT/target/release/switchyard" ] &&
-    [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]; then
-    rev="$rev+uncommitted changes"
-fi
 echo
 echo "## switchyard load benchmark ($STARTED)"
 echo
