@@ -1,15 +1,22 @@
 //! switchyard: a Layer-4 load balancer.
 //!
 //! It fronts TCP services on one address and spreads client connections over
-//! a pool of backends (round robin, least connections or source-IP hash).
-//! The user-facing contract — CLI, config file, signals — is in `SPEC.md`.
+//! a pool of backends (round robin, least connections or source-IP hash),
+//! or in HTTP mode routes every request, with lbCookie stickiness.
+//! The user-facing contract — CLI, config file, signals, metrics, admin API —
+//! is in `SPEC.md`; the README documents the decisions taken where it is
+//! silent.
 //!
 //! # Layout
 //!
 //! Data path (per connection, lock-free):
-//! - [`proxy`] — accept, pick a backend, connect with retry, relay bytes
-//!   ([`proxy::tcp`] for the connection's life, [`proxy::relay`] for the copy
-//!   loop with pooled buffers and half-close).
+//! - [`proxy`] — accept, pick a backend, connect with retry, relay bytes:
+//!   [`proxy::tcp`] (accept loop, allow-list, a TCP connection's life),
+//!   [`proxy::relay`] (the copy loop: pooled buffers, half-close, idle
+//!   timeout), [`proxy::http`] (HTTP mode, lbCookie, backend connection
+//!   pool), [`proxy::queue`] (per-backend caps and the fair queue),
+//!   [`proxy::proxy_protocol`] (PROXY v1/v2 headers), [`proxy::tripwire`]
+//!   (stop signals read with an atomic load).
 //! - [`balancer`] — the [`balancer::Scheduler`] trait and its algorithms
 //!   (`roundrobin`, `leastconn`, `source`), built into an immutable
 //!   [`balancer::Pool`] snapshot.
