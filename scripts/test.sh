@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
-# packages, only those missing), then runs every test. Used as-is by .ci/run.
+# packages, only those missing: promtool, systemd-analyze, curl, PostgreSQL,
+# Redis), then runs every test. The database tests start their own servers
+# on loopback in temporary directories; no system service is used.
+# Used as-is by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +17,11 @@ missing=()
 for cmd in "${!needs[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${needs[$cmd]}")
 done
+# PostgreSQL's server binaries live under /usr/lib/postgresql/<version>/bin
+# (the /usr/bin wrappers can exist without a server).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

@@ -1,6 +1,7 @@
 //! PROXY protocol headers (HAProxy's spec, versions 1 and 2), sent to a
 //! backend before any client byte so it learns the real client address
-//! (PgBouncer, nginx, HAProxy and others accept it).
+//! (nginx, HAProxy and other proxies accept it; PostgreSQL and PgBouncer
+//! do not).
 
 use std::net::{IpAddr, SocketAddr};
 

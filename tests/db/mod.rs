@@ -1,0 +1,590 @@
+//! Real database servers for the end-to-end tests: PostgreSQL clusters and
+//! Redis servers started by the test itself on loopback, each on a free port
+//! picked at run time and in a temporary directory of its own, and stopped
+//! when the handle is dropped (also when the test panics). Plus runners for
+//! `psql`, `pgbench`, `redis-cli` and `redis-benchmark` that never wait
+//! forever.
+//!
+//! Needs the Debian packages `postgresql` (server, `psql`, `pgbench`,
+//! `pg_isready`) and `redis-server` (with `redis-tools`: `redis-cli`,
+//! `redis-benchmark`); `scripts/test.sh` installs them. A missing binary is
+//! a test failure, never a skip.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const INSTALL_HINT: &str = "run `bash scripts/test.sh`, which installs postgresql and redis-server";
+
+/// How long a server may take to initialise and come up. Generous: initdb
+/// on a small shared CI machine takes seconds.
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The database user and database every client here uses. Authentication
+/// is `trust`: the servers listen on loopback only and live for one test.
+pub const PG_USER: &str = "postgres";
+pub const PG_DB: &str = "postgres";
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A finished client process.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// stdout and stderr, for failure messages.
+    pub fn output(&self) -> String {
+        format!(
+            "exit {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status.code(),
+            self.elapsed,
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    // pgbench 15 summary lines.
+
+    /// "number of transactions actually processed: N" (or "N/M" with -t).
+    pub fn processed(&self) -> u64 {
+        let v = self.summary("number of transactions actually processed:");
+        v.split('/').next().unwrap().parse().unwrap()
+    }
+
+    /// "number of failed transactions: N (x%)": transactions that failed
+    /// with a serialization or deadlock error. Any other error aborts the
+    /// client instead (see `aborted_clients`).
+    pub fn failed(&self) -> u64 {
+        self.summary("number of failed transactions:")
+            .parse()
+            .unwrap()
+    }
+
+    /// Clients pgbench gave up on ("client N aborted ..."): pgbench 15
+    /// aborts a client at its first connection or SQL error, and then exits
+    /// 2 ("Run was aborted; the above results are incomplete.").
+    pub fn aborted_clients(&self) -> usize {
+        self.stderr
+            .lines()
+            .filter(|l| {
+                let Some(rest) = l.split("client ").nth(1) else {
+                    return false;
+                };
+                let mut words = rest.split_whitespace();
+                words.next().is_some_and(|n| n.parse::<u32>().is_ok())
+                    && words.next() == Some("aborted")
+            })
+            .count()
+    }
+
+    fn summary(&self, key: &str) -> String {
+        let line = self
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in pgbench output:\n{}", self.output()));
+        line.split_whitespace().next().unwrap().to_owned()
+    }
+}
+
+/// Run `cmd` to its end, failing the test if it takes longer than `limit`
+/// (the process is killed first, so nothing is left behind).
+pub fn run(mut cmd: Command, limit: Duration) -> Run {
+    let what = format!("{cmd:?}");
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}; {INSTALL_HINT}"));
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().unwrap()));
+    let err = reader(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not finish within {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                out.join().unwrap(),
+                err.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20)); // poll interval; the limit is above
+    };
+    Run {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `cmd` must succeed within `limit`; its stdout.
+fn run_ok(cmd: Command, limit: Duration) -> String {
+    let r = run(cmd, limit);
+    assert!(r.status.success(), "{}", r.output());
+    r.stdout
+}
+
+/// A command from `PATH`, or a failure that says how to install it.
+fn on_path(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("`{name}` not found; {INSTALL_HINT}"))
+}
+
+/// The PostgreSQL binaries: /usr/lib/postgresql/<newest major>/bin (the
+/// Debian layout; /usr/bin/psql and friends are only version wrappers).
+pub fn pg_bin() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = std::fs::read_dir(root)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .max();
+    match newest {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "no PostgreSQL server under {}; {INSTALL_HINT}",
+            root.display()
+        ),
+    }
+}
+
+fn pg_tool(name: &str) -> PathBuf {
+    let p = pg_bin().join(name);
+    assert!(p.is_file(), "{} missing; {INSTALL_HINT}", p.display());
+    p
+}
+
+/// A PostgreSQL client command (run as ourselves; trust auth over TCP).
+fn pg_client(name: &str) -> Command {
+    let mut cmd = Command::new(pg_tool(name));
+    cmd.env("PGUSER", PG_USER)
+        .env("PGDATABASE", PG_DB)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSERVICE")
+        .env_remove("PGHOST")
+        .env_remove("PGPORT");
+    cmd
+}
+
+/// Our effective uid (the owner of /proc/self).
+fn euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// The unprivileged account PostgreSQL runs as when the tests run as root
+/// (PostgreSQL refuses to run as root): the `postgres` system user the
+/// Debian package creates. `None` when we are not root.
+fn pg_account() -> Option<(u32, u32)> {
+    if euid() != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .unwrap_or_else(|| panic!("no `postgres` user in /etc/passwd; {INSTALL_HINT}"));
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().unwrap(), f[3].parse().unwrap()))
+}
+
+/// `program` run as the PostgreSQL account: through `setpriv`, which execs
+/// (no extra process in between), so the child's pid is the server's.
+fn as_pg_user(program: &Path, dir: &Path) -> Command {
+    let mut cmd = if pg_account().is_some() {
+        let mut c = Command::new(on_path("setpriv"));
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.current_dir(dir).env("HOME", dir).env("LC_ALL", "C");
+    cmd
+}
+
+/// Send `sig` (e.g. "QUIT") to `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Wait up to `limit` for `child` to exit; then SIGKILL it.
+fn reap(child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10)); // poll interval within `limit`
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A throwaway PostgreSQL cluster on 127.0.0.1:`port`.
+pub struct Postgres {
+    pub port: u16,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// initdb a new cluster in a temp dir and start it; returns once it
+    /// accepts connections.
+    pub fn start() -> Postgres {
+        let dir = tempfile::Builder::new().prefix("sy-pg-").tempdir().unwrap();
+        if let Some((uid, gid)) = pg_account() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let data = dir.path().join("data");
+        let mut initdb = as_pg_user(&pg_tool("initdb"), dir.path());
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            PG_USER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]);
+        run_ok(initdb, START_DEADLINE);
+
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+        let mut cmd = as_pg_user(&pg_tool("postgres"), dir.path());
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // Speed over durability: the cluster lives for one test.
+            .args(["-c", "fsync=off"])
+            .args(["-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "shared_buffers=16MB"])
+            .args(["-c", "max_connections=100"])
+            .args(["-c", "logging_collector=off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start postgres: {e}; {INSTALL_HINT}"));
+        let mut pg = Postgres {
+            port,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+            dir,
+        };
+        pg.wait_ready();
+        pg
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "postgres exited ({status}) during start-up:\n{}",
+                    self.log()
+                );
+            }
+            let mut probe = pg_client("pg_isready");
+            probe.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "1"]);
+            if run(probe, Duration::from_secs(10)).status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < START_DEADLINE,
+                "postgres on port {} not ready within {START_DEADLINE:?}:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50)); // poll interval; deadline above
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// The postmaster's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Run `sql` with psql on this cluster (directly, not through the
+    /// balancer); unaligned, tuples only, trimmed.
+    pub fn psql(&self, sql: &str) -> String {
+        psql(self.port, sql)
+    }
+
+    /// `pgbench -i -s <scale>` on this cluster directly.
+    pub fn pgbench_init(&self, scale: u32) {
+        let r = pgbench(
+            &[
+                "-i",
+                "-q",
+                "-s",
+                &scale.to_string(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ],
+            START_DEADLINE,
+        );
+        assert!(r.status.success(), "pgbench -i failed: {}", r.output());
+    }
+
+    /// Immediate shutdown (SIGQUIT, what `pg_ctl stop -m immediate` sends):
+    /// the postmaster kills its backends at once, so every open session
+    /// sees its connection drop, as when a database server dies. Returns
+    /// once the postmaster has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "QUIT");
+            reap(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// The server dies (a crash, a lost machine): SIGKILL to the postmaster
+    /// first, so its listening socket is gone at once and new connects are
+    /// refused, then to every process it had forked, which cuts each open
+    /// session. Unlike `stop`, no shutdown window in which the server still
+    /// accepts connections only to refuse them with "the database system is
+    /// shutting down".
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pm = child.id();
+            let children = children_of(pm);
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in children {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+/// The pids whose parent is `ppid` (from /proc).
+fn children_of(ppid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split
+            // after its closing parenthesis.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let parent: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+            (parent == ppid).then_some(pid)
+        })
+        .collect()
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// psql against any port (a cluster or the balancer in front of it).
+pub fn psql(port: u16, sql: &str) -> String {
+    let mut cmd = pg_client("psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-c",
+        sql,
+    ]);
+    run_ok(cmd, Duration::from_secs(30)).trim().to_owned()
+}
+
+/// pgbench with `args` (the caller gives -h/-p); user and database are set
+/// through the environment. Fails the test if it runs longer than `limit`.
+pub fn pgbench(args: &[&str], limit: Duration) -> Run {
+    let mut cmd = pg_client("pgbench");
+    cmd.args(args);
+    run(cmd, limit)
+}
+
+/// A throwaway Redis server on 127.0.0.1:`port`, no persistence.
+pub struct Redis {
+    pub port: u16,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let server = on_path("redis-server");
+        on_path("redis-cli");
+        let dir = tempfile::Builder::new()
+            .prefix("sy-redis-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("redis.log")).unwrap();
+        let child = Command::new(server)
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .args(["--logfile", ""])
+            .arg("--dir")
+            .arg(dir.path())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
+        let mut r = Redis {
+            port,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+            dir,
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "redis-server exited ({status}) during start-up:\n{}",
+                    self.log()
+                );
+            }
+            let r = run(redis_cli_cmd(self.port, &["ping"]), Duration::from_secs(10));
+            if r.status.success() && r.stdout.trim() == "PONG" {
+                return;
+            }
+            assert!(
+                start.elapsed() < START_DEADLINE,
+                "redis on port {} not ready within {START_DEADLINE:?}:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20)); // poll interval; deadline above
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// redis-cli against this server directly; its stdout, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn redis_cli_cmd(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(on_path("redis-cli"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .env_remove("REDISCLI_AUTH");
+    cmd
+}
+
+/// redis-cli against any port; must succeed; stdout trimmed.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    run_ok(redis_cli_cmd(port, args), Duration::from_secs(30))
+        .trim()
+        .to_owned()
+}
+
+/// redis-benchmark with `args` (the caller gives -h/-p).
+pub fn redis_benchmark(args: &[&str], limit: Duration) -> Run {
+    let mut cmd = Command::new(on_path("redis-benchmark"));
+    cmd.args(args);
+    run(cmd, limit)
+}
