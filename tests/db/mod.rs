@@ -274,6 +274,34 @@ fn reap(child: &mut Child, limit: Duration) {
     let _ = child.wait();
 }
 
+/// Wait until `ready()` holds for a server just started as `child`; fail
+/// with its log if it exits or is not ready within [`START_DEADLINE`].
+fn wait_ready(
+    what: &str,
+    child: &mut Option<Child>,
+    port: u16,
+    log: &Path,
+    ready: impl Fn() -> bool,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.as_mut().unwrap().try_wait().unwrap() {
+            *child = None;
+            panic!("{what} exited ({status}) during start-up:\n{}", log());
+        }
+        if ready() {
+            return;
+        }
+        assert!(
+            start.elapsed() < START_DEADLINE,
+            "{what} on port {port} not ready within {START_DEADLINE:?}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50)); // poll interval; deadline above
+    }
+}
+
 /// A throwaway PostgreSQL cluster on 127.0.0.1:`port`.
 pub struct Postgres {
     pub port: u16,
@@ -336,28 +364,19 @@ impl Postgres {
     }
 
     fn wait_ready(&mut self) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!(
-                    "postgres exited ({status}) during start-up:\n{}",
-                    self.log()
-                );
-            }
-            let mut probe = pg_client("pg_isready");
-            probe.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "1"]);
-            if run(probe, Duration::from_secs(10)).status.success() {
-                return;
-            }
-            assert!(
-                start.elapsed() < START_DEADLINE,
-                "postgres on port {} not ready within {START_DEADLINE:?}:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50)); // poll interval; deadline above
-        }
+        let port = self.port.to_string();
+        let dir = self.dir.path().to_owned();
+        wait_ready(
+            "postgres",
+            &mut self.child,
+            self.port,
+            &dir.join("postgres.log"),
+            || {
+                let mut probe = pg_client("pg_isready");
+                probe.args(["-h", "127.0.0.1", "-p", &port, "-t", "1"]);
+                run(probe, Duration::from_secs(10)).status.success()
+            },
+        );
     }
 
     /// The server's log so far.
@@ -521,27 +540,12 @@ impl Redis {
     }
 
     fn wait_ready(&mut self) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!(
-                    "redis-server exited ({status}) during start-up:\n{}",
-                    self.log()
-                );
-            }
-            let r = run(redis_cli_cmd(self.port, &["ping"]), Duration::from_secs(10));
-            if r.status.success() && r.stdout.trim() == "PONG" {
-                return;
-            }
-            assert!(
-                start.elapsed() < START_DEADLINE,
-                "redis on port {} not ready within {START_DEADLINE:?}:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20)); // poll interval; deadline above
-        }
+        let port = self.port;
+        let log = self.dir.path().join("redis.log");
+        wait_ready("redis-server", &mut self.child, port, &log, || {
+            let r = run(redis_cli_cmd(port, &["ping"]), Duration::from_secs(10));
+            r.status.success() && r.stdout.trim() == "PONG"
+        });
     }
 
     pub fn log(&self) -> String {
