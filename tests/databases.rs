@@ -102,6 +102,17 @@ fn pg_backends(pg1: &Postgres, pg2: &Postgres) -> Vec<B<'static>> {
 /// not one failure, and both clusters did real work — every committed
 /// TPC-B transaction leaves one row in `pgbench_history`, so the rows
 /// counted on each cluster directly add up to what pgbench reports.
+/// The daemon as a database failover setup: leastconn, fast checks,
+/// retries, and a failed server's sessions cut.
+fn failover_daemon(pg1: &Postgres, pg2: &Postgres) -> Daemon {
+    let extra = "retries = 2\non_marked_down = \"shutdown\"\n\
+                 [listener.health_check]\ninterval = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2\n";
+    Daemon::start(&format!(
+        "{ADMIN}{}",
+        listener_toml("leastconn", extra, &pg_backends(pg1, pg2))
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_through_leastconn_uses_both_clusters_without_a_failure() {
     let (pg1, pg2) = block_in_place(two_clusters);
@@ -167,14 +178,7 @@ async fn pgbench_through_leastconn_uses_both_clusters_without_a_failure() {
 async fn pgbench_survives_a_crashed_cluster_and_moves_to_the_live_one() {
     const CLIENTS: usize = 8;
     let (mut pg1, pg2) = block_in_place(two_clusters);
-    let extra = "retries = 2\non_marked_down = \"shutdown\"\n\
-                 [listener.health_check]\ninterval = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2\n";
-    let d = block_in_place(|| {
-        Daemon::start(&format!(
-            "{ADMIN}{}",
-            listener_toml("leastconn", extra, &pg_backends(&pg1, &pg2))
-        ))
-    });
+    let d = block_in_place(|| failover_daemon(&pg1, &pg2));
     let (proxy, admin) = (d.addr("l"), d.admin.unwrap());
 
     let clients = CLIENTS.to_string();
@@ -280,14 +284,7 @@ async fn pgbench_survives_a_crashed_cluster_and_moves_to_the_live_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_loses_nothing_when_a_cluster_is_drained_before_it_stops() {
     let (mut pg1, pg2) = block_in_place(two_clusters);
-    let extra = "retries = 2\non_marked_down = \"shutdown\"\n\
-                 [listener.health_check]\ninterval = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2\n";
-    let d = block_in_place(|| {
-        Daemon::start(&format!(
-            "{ADMIN}{}",
-            listener_toml("leastconn", extra, &pg_backends(&pg1, &pg2))
-        ))
-    });
+    let d = block_in_place(|| failover_daemon(&pg1, &pg2));
     let (proxy, admin) = (d.addr("l"), d.admin.unwrap());
 
     let run = std::thread::spawn(move || {
