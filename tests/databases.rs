@@ -81,6 +81,7 @@ async fn status_until(
     cond: impl Fn(&std::collections::HashMap<String, Value>) -> bool,
 ) -> std::collections::HashMap<String, Value> {
     let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
         let s = backends(admin).await;
         if cond(&s) {
@@ -90,7 +91,7 @@ async fn status_until(
             start.elapsed() < DEADLINE,
             "timed out waiting for {what}: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval; the deadline is above
+        poll.tick().await;
     }
 }
 
