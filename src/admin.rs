@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use crate::backend::AdminState;
 use crate::config::Secret;
 use crate::metrics::Metrics;
+use crate::proxy::tcp::ACCEPT_ERROR_BACKOFF;
 use crate::proxy::tripwire::Tripwire;
 use crate::server::{self, Directory};
 use crate::sockets;
@@ -122,7 +123,10 @@ async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: Tripwire) {
             r = listener.accept() => match r {
                 Ok(conn) => conn,
                 Err(e) => {
+                    // EMFILE and the like persist until something closes:
+                    // back off rather than spin (the data path does too).
                     warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
             },

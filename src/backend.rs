@@ -7,7 +7,7 @@
 //! same counters. Everything on the connection path is an atomic: no locks.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -104,8 +104,9 @@ pub struct BackendState {
     pub metrics: Arc<BackendMetrics>,
     /// HTTP mode: idle keep-alive connections to this backend.
     pub http_pool: ConnPool,
-    /// Slots in use against `max_connections` (when the backend has one).
-    capped: AtomicUsize,
+    /// Connections (HTTP: requests) holding a slot, checked against
+    /// `max_connections`.
+    in_use: AtomicUsize,
 }
 
 impl Default for BackendState {
@@ -125,7 +126,7 @@ impl BackendState {
             cut: ArcSwap::from_pointee(Tripwire::new()),
             metrics,
             http_pool: ConnPool::default(),
-            capped: AtomicUsize::new(0),
+            in_use: AtomicUsize::new(0),
         }
     }
 
@@ -150,15 +151,23 @@ impl BackendState {
         self.admin.store(state as u8, Relaxed);
     }
 
-    /// Take one of `max` capped slots, if one is free.
-    pub(crate) fn try_take_capped(&self, max: u32) -> bool {
-        self.capped
-            .fetch_update(Relaxed, Relaxed, |n| (n < max as usize).then_some(n + 1))
-            .is_ok()
+    /// Take a slot: always when uncapped, else if fewer than `max` are in
+    /// use.
+    pub(crate) fn try_take_slot(&self, max: Option<u32>) -> bool {
+        match max {
+            None => {
+                self.in_use.fetch_add(1, Relaxed);
+                true
+            }
+            Some(max) => self
+                .in_use
+                .fetch_update(Relaxed, Relaxed, |n| (n < max as usize).then_some(n + 1))
+                .is_ok(),
+        }
     }
 
-    pub(crate) fn release_capped(&self) {
-        self.capped.fetch_sub(1, Relaxed);
+    pub(crate) fn release_slot(&self) {
+        self.in_use.fetch_sub(1, Relaxed);
     }
 
     /// A tripwire tripped when this backend's open connections must close.
@@ -248,6 +257,10 @@ impl Drop for ActiveGuard {
 pub struct Registry {
     metrics: Arc<Metrics>,
     states: HashMap<BackendKey, Arc<BackendState>>,
+    /// Removed backends whose connections may still be open: re-added
+    /// before those end, a backend gets its state back, so its cap and
+    /// counters still see them.
+    retired: HashMap<BackendKey, Weak<BackendState>>,
 }
 
 impl Registry {
@@ -255,15 +268,25 @@ impl Registry {
         Registry {
             metrics,
             states: HashMap::new(),
+            retired: HashMap::new(),
         }
     }
 
-    /// The state for (listener, backend), created fresh if it is new.
+    /// The state for (listener, backend): kept, still draining, or new.
     pub fn state(&mut self, listener: &Arc<str>, backend: &Arc<str>) -> Arc<BackendState> {
-        self.states
-            .entry((listener.clone(), backend.clone()))
-            .or_insert_with(|| Arc::new(BackendState::new(self.metrics.backend(listener, backend))))
-            .clone()
+        let key = (listener.clone(), backend.clone());
+        if let Some(state) = self.states.get(&key) {
+            return state.clone();
+        }
+        let state = self
+            .retired
+            .remove(&key)
+            .and_then(|w| w.upgrade())
+            .unwrap_or_else(|| {
+                Arc::new(BackendState::new(self.metrics.backend(listener, backend)))
+            });
+        self.states.insert(key, state.clone());
+        state
     }
 
     /// Judge a backend's health afresh (its address changed: it is another
@@ -278,7 +301,16 @@ impl Registry {
     /// Forget backends that are no longer configured. Their connections keep
     /// their own `Arc`s and finish normally.
     pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
-        self.states.retain(|(l, b), _| keep(l, b));
+        let mut removed = Vec::new();
+        self.states.retain(|(l, b), state| {
+            let kept = keep(l, b);
+            if !kept {
+                removed.push(((l.clone(), b.clone()), Arc::downgrade(state)));
+            }
+            kept
+        });
+        self.retired.retain(|_, w| w.strong_count() > 0);
+        self.retired.extend(removed);
     }
 }
 
@@ -310,6 +342,17 @@ mod tests {
         let other = r.state(&l, &"pg2".into());
         assert!(!Arc::ptr_eq(&a, &other));
         r.retain(|_, name| name != "pg1");
-        assert!(!Arc::ptr_eq(&a, &r.state(&l, &b)));
+        // Re-added while its old state is still held (open connections):
+        // the same state comes back, caps and counters intact.
+        assert!(Arc::ptr_eq(&a, &r.state(&l, &b)));
+        r.retain(|_, name| name != "pg1");
+        drop((a, again));
+        r.retain(|_, _| true);
+        let fresh = r.state(&l, &b);
+        assert_eq!(
+            fresh.total(),
+            0,
+            "a backend re-added after its last connection starts fresh"
+        );
     }
 }

@@ -625,7 +625,7 @@ impl Config {
         let root = FieldPath::default();
         let mut listeners = Vec::with_capacity(raw.listeners.len());
         let mut names = HashSet::new();
-        let mut binds = HashSet::new();
+        let mut binds: Vec<SocketAddr> = Vec::new();
         for (i, l) in raw.listeners.into_iter().enumerate() {
             let at = root.item("listener", i);
             check_name(&l.name, &at.key("name"))?;
@@ -644,12 +644,20 @@ impl Config {
                     ),
                 )
             })?;
-            if bind.port() != 0 && !binds.insert(bind) {
+            // The same address twice, or a wildcard (0.0.0.0, [::]) and any
+            // address on the same port: the second bind would fail.
+            if bind.port() != 0
+                && let Some(other) = binds.iter().find(|b: &&SocketAddr| {
+                    b.port() == bind.port()
+                        && (**b == bind || b.ip().is_unspecified() || bind.ip().is_unspecified())
+                })
+            {
                 return Err(err(
                     at.key("bind"),
-                    format!("`{bind}` is already bound by another listener"),
+                    format!("`{bind}` overlaps `{other}` of another listener"),
                 ));
             }
+            binds.push(bind);
             positive(l.connect_timeout, &at.key("connect_timeout"))?;
             positive(l.idle_timeout, &at.key("idle_timeout"))?;
             check_health(&l.health_check, &at.key("health_check"))?;
@@ -666,7 +674,9 @@ impl Config {
                     let StickyMethod::Lbcookie = st.method;
                     check_cookie_name(&st.cookie, &at.key("sticky").key("cookie"))?;
                     if let Some(age) = st.max_age {
-                        positive(age, &at.key("sticky").key("max_age"))?;
+                        // Max-Age is in whole seconds: less would be 0,
+                        // which tells the browser to delete the cookie.
+                        at_least_a_second(age, &at.key("sticky").key("max_age"))?;
                     }
                     Some(Sticky {
                         cookie: st.cookie,
@@ -703,10 +713,14 @@ impl Config {
                 ));
             }
             let keepalive = if l.keepalive {
-                positive(l.keepalive_idle, &at.key("keepalive_idle"))?;
-                positive(l.keepalive_interval, &at.key("keepalive_interval"))?;
-                if l.keepalive_count == 0 {
-                    return Err(err(at.key("keepalive_count"), "must be at least 1".into()));
+                // The kernel takes whole seconds, and at most 127 probes.
+                at_least_a_second(l.keepalive_idle, &at.key("keepalive_idle"))?;
+                at_least_a_second(l.keepalive_interval, &at.key("keepalive_interval"))?;
+                if !(1..=127).contains(&l.keepalive_count) {
+                    return Err(err(
+                        at.key("keepalive_count"),
+                        format!("{} is out of range 1..=127", l.keepalive_count),
+                    ));
                 }
                 Some(Keepalive {
                     idle: l.keepalive_idle,
@@ -902,6 +916,17 @@ fn check_cookie_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
             at.clone(),
             format!("`{name}` is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
         ))
+    }
+}
+
+fn at_least_a_second(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
+    if d < Duration::from_secs(1) {
+        Err(err(
+            at.clone(),
+            "must be at least 1s (it is counted in whole seconds)".into(),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -1112,8 +1137,18 @@ address = "[::1]:9000"
             ),
             (
                 "keepalive_count = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
-                "test.toml:4:19: listener[0].keepalive_count: must be at least 1",
+                "test.toml:4:19: listener[0].keepalive_count: 0 is out of range 1..=127",
                 "zero keepalive count",
+            ),
+            (
+                "keepalive_interval = \"500ms\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:22: listener[0].keepalive_interval: must be at least 1s",
+                "sub-second keepalive",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"lbcookie\"\nmax_age = \"500ms\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:7:11: listener[0].sticky.max_age: must be at least 1s",
+                "sub-second max_age",
             ),
             (
                 "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\nmax_connections = 0\n",
@@ -1153,9 +1188,23 @@ address = "[::1]:9000"
             one.replace("name = \"a\"", "name = \"b\"")
         ));
         assert!(
-            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` is already bound"),
+            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` overlaps `127.0.0.1:1`"),
             "{e}"
         );
+        let wildcard = one.replace("127.0.0.1:1", "0.0.0.0:1");
+        let e = error(&format!(
+            "{wildcard}{}",
+            one.replace("name = \"a\"", "name = \"b\"")
+        ));
+        assert!(
+            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` overlaps `0.0.0.0:1`"),
+            "{e}"
+        );
+        // Different ports on a wildcard are fine.
+        let other_port = one
+            .replace("name = \"a\"", "name = \"b\"")
+            .replace("127.0.0.1:1", "127.0.0.1:2");
+        assert!(load(&format!("{wildcard}{other_port}")).is_ok());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::backend::{Backend, BackendState, Registry};
 use crate::config::{Config, ListenerConfig};
 use crate::health::{self, ProbeContext};
-use crate::metrics::Metrics;
+use crate::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::Route;
 use crate::proxy::queue::{OpenCount, Queue};
 use crate::proxy::tcp::{self, ConnContext};
@@ -73,11 +73,18 @@ struct Listener {
     route: Arc<ArcSwap<Route>>,
     /// Wakes the refresher to rebuild the pool (a backend flipped).
     refresh: Arc<Notify>,
-    queue: Arc<Queue>,
-    open: Arc<OpenCount>,
+    shared: ListenerShared,
     accept: Acceptor,
     refresher: JoinHandle<()>,
     probes: Vec<JoinHandle<()>>,
+}
+
+/// What a listener keeps across reloads, whatever its routes.
+#[derive(Debug, Clone)]
+struct ListenerShared {
+    queue: Arc<Queue>,
+    open: Arc<OpenCount>,
+    metrics: ListenerMetrics,
 }
 
 /// A running accept loop and the means to stop it.
@@ -216,15 +223,25 @@ impl Server {
         };
         for name in touched {
             let config = find(&name).expect("touched listeners are in the new config");
-            let (queue, open) = match self.listeners.get(&name) {
-                Some(l) => (l.queue.clone(), l.open.clone()),
-                None => Default::default(),
+            // Per-listener state that outlives its routes: the queue, the
+            // open-connection count, and the metric handles (one set, so a
+            // route of an older config cannot drop series the new one uses).
+            let shared = match self.listeners.get(&name) {
+                Some(l) => l.shared.clone(),
+                None => ListenerShared {
+                    queue: Arc::default(),
+                    open: Arc::default(),
+                    metrics: self.metrics.listener(&name),
+                },
             };
-            let route = Arc::new(self.build_route(config.clone(), queue.clone(), open.clone()));
+            let route = Arc::new(self.build_route(config.clone(), &shared));
             let socket = sockets.remove(&name);
             match self.listeners.get_mut(&name) {
                 Some(l) => {
                     l.route.store(route);
+                    // A raised max_connections must resume a paused accept
+                    // loop now, not when a connection next closes.
+                    l.shared.open.wake();
                     for p in l.probes.drain(..) {
                         p.abort();
                     }
@@ -254,8 +271,7 @@ impl Server {
                         accept: spawn_acceptor(socket, &route, &self.ctx),
                         route,
                         refresh,
-                        queue,
-                        open,
+                        shared,
                     };
                     info!(listener = %name, addr = %local, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
                     self.listeners.insert(name.clone(), listener);
@@ -281,12 +297,7 @@ impl Server {
 
     /// A route for `config`, with backend state from the registry (kept
     /// backends keep their counters and health).
-    fn build_route(
-        &mut self,
-        config: Arc<ListenerConfig>,
-        queue: Arc<Queue>,
-        open: Arc<OpenCount>,
-    ) -> Route {
+    fn build_route(&mut self, config: Arc<ListenerConfig>, shared: &ListenerShared) -> Route {
         let backends = config
             .backends
             .iter()
@@ -295,8 +306,13 @@ impl Server {
                 Arc::new(Backend::new(b, state))
             })
             .collect();
-        let metrics = self.metrics.listener(&config.name);
-        Route::new(config, backends, metrics, queue, open)
+        Route::new(
+            config,
+            backends,
+            shared.metrics.clone(),
+            shared.queue.clone(),
+            shared.open.clone(),
+        )
     }
 
     /// The running listeners, kept current across reloads.
@@ -339,7 +355,7 @@ impl Server {
 
     /// Connections of a listener waiting for a backend below its cap.
     pub fn queued(&self, listener: &str) -> Option<usize> {
-        Some(self.listeners.get(listener)?.queue.waiting())
+        Some(self.listeners.get(listener)?.shared.queue.waiting())
     }
 
     /// Open client connections.

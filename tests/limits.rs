@@ -259,3 +259,31 @@ async fn proxy_protocol_headers_carry_the_real_client_address() {
         assert_eq!(&ok, b"ok");
     }
 }
+
+#[tokio::test]
+async fn raising_the_listener_cap_by_reload_resumes_accepting_at_once() {
+    let nb = NamedBackend::start("db").await;
+    let toml = |max: u32| {
+        listener_toml(
+            "roundrobin",
+            &format!("max_connections = {max}\n{QUIET}"),
+            &[b("db", nb.addr)],
+        )
+    };
+    let mut server = start_server(&toml(1)).await;
+    let proxy = server.local_addr("l").unwrap();
+    let _held = connect_named(proxy).await;
+    let waiting = connect_from(proxy, None).await;
+    let mut waiting = BufReader::new(waiting);
+    // The held connection stays open: only the reload can let this one in.
+    let config = switchyard::config::load_str(&toml(5), std::path::Path::new("t.toml")).unwrap();
+    server.reload(config).await.unwrap();
+    let mut line = String::new();
+    within(
+        "served after the cap was raised",
+        waiting.read_line(&mut line),
+    )
+    .await
+    .unwrap();
+    assert_eq!(line, "db\n");
+}

@@ -50,8 +50,10 @@ use tracing::debug;
 use super::Route;
 use super::queue::{Busy, Open, Picker, Slot};
 use super::tcp::ConnContext;
+use super::tripwire::Tripwire;
 use crate::backend::{AdminState, Backend, BackendState};
 use crate::balancer::hash_bytes;
+use crate::config::OnMarkedDown;
 use crate::metrics::Reject;
 use crate::sockets;
 
@@ -147,9 +149,10 @@ pub async fn serve(
             r.metrics.connection_duration.clone(),
         )
     };
+    let shared = Arc::new(ctx.clone());
     let service = service_fn(move |req| {
-        let route = route.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, &route).await) }
+        let (route, ctx) = (route.clone(), shared.clone());
+        async move { Ok::<_, Infallible>(handle(req, peer, &route, &ctx).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -183,6 +186,7 @@ async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     route: &ArcSwap<Route>,
+    ctx: &ConnContext,
 ) -> Response<ProxyBody> {
     let route = route.load_full();
 
@@ -212,13 +216,21 @@ async fn handle(
     let deadline = Instant::now() + route.config.queue_timeout;
     let mut attempts = 1 + route.config.retries as usize;
     let mut failed = false;
-    // The cookie's backend first, then the scheduler's order; a retry takes
-    // the next one.
-    let scheduled = route
-        .pool
-        .candidates(peer.ip())
-        .filter(|b| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, b)));
-    let mut picker = Picker::new(pinned.iter().chain(scheduled));
+    // The cookie's backend alone first: a sticky request waits for its
+    // backend below its cap rather than moving. Only if that backend cannot
+    // be reached does the scheduler's order take over; a retry takes the
+    // next candidate.
+    let mut scheduled = Some(
+        route
+            .pool
+            .candidates(peer.ip())
+            .filter(|b| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, b))),
+    );
+    type Candidates<'a> = Box<dyn Iterator<Item = &'a Arc<Backend>> + Send + 'a>;
+    let mut picker: Picker<Candidates<'_>> = match &pinned {
+        Some(p) => Picker::new(Box::new(std::iter::once(p))),
+        None => Picker::new(Box::new(scheduled.take().expect("not taken yet"))),
+    };
     loop {
         let pick = || picker.pick(&route.queue);
         let (backend, slot) = match route.queue.acquire(deadline, pick).await {
@@ -233,7 +245,14 @@ async fn handle(
                 route.metrics.http_unrouted.count(503);
                 return error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
             }
-            Err(Busy::NoCandidate) => break,
+            Err(Busy::NoCandidate) => match scheduled.take() {
+                // The cookie's backend failed: redispatch.
+                Some(rest) => {
+                    picker = Picker::new(Box::new(rest));
+                    continue;
+                }
+                None => break,
+            },
         };
         body_counter.set(backend.state.metrics.bytes_client_to_backend.clone());
         let response = match forward(&backend, &route, req, upgrade).await {
@@ -257,22 +276,30 @@ async fn handle(
         };
         let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
         let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let mut response = finish_response(
-            response,
-            &backend,
-            slot,
-            insert.map(|s| (s, route.cookie_for(&backend))),
-        );
         backend
             .state
             .metrics
             .http()
             .count(response.status().as_u16());
+        let cookie = insert.map(|s| (s, route.cookie_for(&backend)));
         if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
+            let mut response = finish_response(response, &backend, None, cookie);
             let backend_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+            // The tunnel is a connection of its own: it keeps the client
+            // counted and the backend slot, and shutdown and mark-down
+            // reach it.
+            let tunnel = Tunnel {
+                open: route.open.enter(),
+                slot,
+                abort: ctx.abort.clone(),
+                cut: (route.config.on_marked_down == OnMarkedDown::Shutdown)
+                    .then(|| backend.state.cut_signal()),
+            };
+            ctx.tracker
+                .spawn(tunnel.run(client_upgrade, backend_upgrade));
+            return response;
         }
-        return response;
+        return finish_response(response, &backend, Some(slot), cookie);
     }
     route.metrics.http_unrouted.count(502);
     error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered")
@@ -364,16 +391,44 @@ async fn connect(backend: &Backend, route: &Route) -> std::io::Result<Sender> {
     Ok(sender)
 }
 
-/// Relay an upgraded connection (WebSocket) until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
-        debug!("upgrade did not complete");
-        return;
-    };
-    let mut client = TokioIo::new(client);
-    let mut backend = TokioIo::new(backend);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        debug!(error = %e, "upgraded connection ended with error");
+/// An upgraded connection (WebSocket), relayed as a byte stream.
+struct Tunnel {
+    /// Counted as an open client connection of the listener.
+    open: Open,
+    /// The backend slot (active count, cap) for the tunnel's life.
+    slot: Slot,
+    abort: Tripwire,
+    /// Tripped if the backend is marked down (`on_marked_down = "shutdown"`).
+    cut: Option<Tripwire>,
+}
+
+impl Tunnel {
+    /// Relay until either side closes, shutdown cuts it, or its backend is
+    /// marked down.
+    async fn run(self, client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+        let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+            debug!("upgrade did not complete");
+            return;
+        };
+        let mut client = TokioIo::new(client);
+        let mut backend = TokioIo::new(backend);
+        let cut = async {
+            match &self.cut {
+                Some(signal) => signal.tripped().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                if let Err(e) = r {
+                    debug!(error = %e, "upgraded connection ended with error");
+                }
+            }
+            () = self.abort.tripped() => debug!("upgraded connection cut by shutdown"),
+            () = cut => debug!("upgraded connection cut: backend marked down"),
+        }
+        drop((self.open, self.slot));
     }
 }
 
@@ -544,7 +599,7 @@ fn prepare_request(req: &mut Request<Incoming>, client: IpAddr, upgrade: bool) {
 fn finish_response(
     response: Response<Incoming>,
     backend: &Backend,
-    slot: Slot,
+    slot: Option<Slot>,
     insert: Option<(&crate::config::Sticky, &str)>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -567,7 +622,7 @@ fn finish_response(
     }
     let counter = CounterSlot::default();
     counter.set(backend.state.metrics.bytes_backend_to_client.clone());
-    Response::from_parts(parts, Metered::new(body, counter, Some(slot)).boxed())
+    Response::from_parts(parts, Metered::new(body, counter, slot).boxed())
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {

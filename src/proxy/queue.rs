@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::{ActiveGuard, Backend};
+use crate::backend::{ActiveGuard, AdminState, Backend};
 
 /// A listener's waiting room; shared by its routes across reloads.
 #[derive(Debug, Default)]
@@ -23,12 +23,13 @@ pub struct Queue {
     freed: Notify,
 }
 
-/// One connection's place on a backend: counted as active, and against the
-/// backend's cap if it has one.
+/// One connection's place on a backend: counted as active and in use.
+/// Every slot counts against the backend's cap, so a cap set by a reload
+/// sees the connections that were already open.
 #[derive(Debug)]
 pub struct Slot {
     guard: ActiveGuard,
-    capped: Option<Arc<Queue>>,
+    queue: Arc<Queue>,
 }
 
 impl Slot {
@@ -39,9 +40,9 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(queue) = &self.capped {
-            self.guard.state().release_capped();
-            queue.freed.notify_one();
+        self.guard.state().release_slot();
+        if self.queue.waiting() > 0 {
+            self.queue.freed.notify_one();
         }
     }
 }
@@ -63,17 +64,13 @@ impl Queue {
 
     /// A slot on `backend`, unless it is at its cap.
     pub fn try_slot(self: &Arc<Self>, backend: &Backend) -> Option<Slot> {
-        match backend.max_connections {
-            None => Some(Slot {
+        backend
+            .state
+            .try_take_slot(backend.max_connections)
+            .then(|| Slot {
                 guard: backend.state.enter(),
-                capped: None,
-            }),
-            Some(max) if backend.state.try_take_capped(max) => Some(Slot {
-                guard: backend.state.enter(),
-                capped: Some(self.clone()),
-            }),
-            Some(_) => None,
-        }
+                queue: self.clone(),
+            })
     }
 
     /// Take a slot with `pick`, queuing behind earlier waiters when needed;
@@ -92,6 +89,7 @@ impl Queue {
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _leave = Leave(&self.waiting);
+        let mut woken = false;
         loop {
             let notified = self.freed.notified();
             tokio::pin!(notified);
@@ -101,8 +99,14 @@ impl Queue {
                 Err(Busy::Capped) => {}
                 done => return done,
             }
+            if woken {
+                // The slot that woke us is no use to this connection (a
+                // backend it already failed on, or one its older route does
+                // not have): pass the wake-up on rather than lose it.
+                self.freed.notify_one();
+            }
             tokio::select! {
-                () = notified => {}
+                () = notified => woken = true,
                 () = tokio::time::sleep_until(deadline) => return Err(Busy::Capped),
             }
         }
@@ -127,6 +131,8 @@ impl<'a, I: Iterator<Item = &'a Arc<Backend>>> Picker<I> {
 
     /// The next candidate with a free slot.
     pub fn pick(&mut self, queue: &Arc<Queue>) -> Result<(Arc<Backend>, Slot), Busy> {
+        self.capped
+            .retain(|b| b.state.is_up() && b.state.admin_state() != AdminState::Maint);
         if let Some((i, slot)) = self
             .capped
             .iter()
@@ -136,6 +142,12 @@ impl<'a, I: Iterator<Item = &'a Arc<Backend>>> Picker<I> {
             return Ok((self.capped.remove(i), slot));
         }
         for backend in self.candidates.by_ref() {
+            // The selection may be older than the backend's state (the
+            // connection waited in the queue): never onto one that went
+            // down or into maintenance meanwhile.
+            if !backend.state.is_up() || backend.state.admin_state() == AdminState::Maint {
+                continue;
+            }
             match queue.try_slot(backend) {
                 Some(slot) => return Ok((backend.clone(), slot)),
                 None => self.capped.push(backend.clone()),
@@ -188,16 +200,22 @@ impl OpenCount {
         Open(self.clone())
     }
 
-    /// Wait until fewer than `max` connections are open.
-    pub async fn below(&self, max: usize) {
-        loop {
-            let notified = self.freed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.open() < max {
-                return;
-            }
-            notified.await;
+    /// Wake a paused accept loop to look at its limit again (a reload may
+    /// have raised it).
+    pub fn wake(&self) {
+        self.freed.notify_waiters();
+    }
+
+    /// Wait until fewer than `max` connections are open, or until woken
+    /// (a connection closed, or a reload may have changed the limit): the
+    /// caller looks at the current limit again either way.
+    pub async fn changed(&self, max: usize) {
+        let notified = self.freed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.open() < max {
+            return;
         }
+        notified.await;
     }
 }

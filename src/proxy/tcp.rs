@@ -22,7 +22,7 @@ use crate::sockets;
 /// Pause after an accept error such as EMFILE: the error persists until some
 /// connection closes, and retrying at once would spin a core. HAProxy and
 /// nginx back off similarly.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What every connection task of the server shares.
 #[derive(Clone, Debug)]
@@ -71,7 +71,7 @@ pub async fn accept_loop(
                 tokio::select! {
                     biased;
                     () = &mut stopped => return,
-                    () = open.below(max) => {}
+                    () = open.changed(max) => {}
                 }
                 continue;
             }
@@ -141,7 +141,22 @@ async fn serve(
     _open: Open,
 ) {
     sockets::tune_stream(&client, route.config.keepalive);
-    let (backend, upstream, slot) = match connect_backend(&route, peer).await {
+    // Waiting in the queue or connecting must not outlast the shutdown
+    // grace either.
+    // Boxed: the connect phase (queue wait, timers, retries) is over before
+    // the relay starts, and on the heap it does not make every connection's
+    // task as large as its largest phase for the connection's whole life.
+    let connected = tokio::select! {
+        biased;
+        () = abort.tripped() => return,
+        c = Box::pin(connect_backend(&route, peer)) => c,
+    };
+    let Connected {
+        backend,
+        stream: upstream,
+        slot,
+        cut,
+    } = match connected {
         Ok(connected) => connected,
         Err(reason) => {
             debug!(reason = reason.as_str(), "closing unserved");
@@ -162,11 +177,6 @@ async fn serve(
     let started = Instant::now();
     debug!(backend = %backend.name, "connected");
     let meter = BackendMeter(guard.state());
-    // Only listeners that cut connections of a failed backend watch for it.
-    let cut = match route.config.on_marked_down {
-        OnMarkedDown::Shutdown => Some(backend.state.cut_signal()),
-        OnMarkedDown::Keep => None,
-    };
     let backend_down = async {
         match &cut {
             Some(signal) => signal.tripped().await,
@@ -193,13 +203,20 @@ async fn serve(
     debug!(end, "connection ended");
 }
 
+/// A client's backend connection, ready to relay.
+struct Connected {
+    backend: Arc<Backend>,
+    stream: TcpStream,
+    /// Held for the connection's life: active count and cap.
+    slot: Slot,
+    /// Tripped if the backend is marked down (`on_marked_down = "shutdown"`).
+    cut: Option<Tripwire>,
+}
+
 /// Connect to the first candidate that answers and is below its cap,
 /// trying at most `1 + retries` of them; when every candidate is at its
 /// cap, wait in the listener's queue up to `queue_timeout`.
-async fn connect_backend(
-    route: &Route,
-    peer: SocketAddr,
-) -> Result<(Arc<Backend>, TcpStream, Slot), Reject> {
+async fn connect_backend(route: &Route, peer: SocketAddr) -> Result<Connected, Reject> {
     let deadline = Instant::now() + route.config.queue_timeout;
     let mut attempts = 1 + route.config.retries as usize;
     // One selection per connection: a retry takes the next candidate.
@@ -211,6 +228,12 @@ async fn connect_backend(
             Err(Busy::Capped) => return Err(Reject::MaxConnections),
             Err(Busy::NoCandidate) => return Err(Reject::NoBackend),
         };
+        // Taken before connecting: a mark-down during a slow connect still
+        // cuts this connection. Only listeners that cut watch for it.
+        let cut = match route.config.on_marked_down {
+            OnMarkedDown::Shutdown => Some(backend.state.cut_signal()),
+            OnMarkedDown::Keep => None,
+        };
         match sockets::connect(
             backend.addr,
             route.config.connect_timeout,
@@ -220,7 +243,12 @@ async fn connect_backend(
         {
             Ok(stream) => {
                 backend.state.record_established();
-                return Ok((backend, stream, slot));
+                return Ok(Connected {
+                    backend,
+                    stream,
+                    slot,
+                    cut,
+                });
             }
             Err(e) => {
                 backend.state.record_connect_error();
