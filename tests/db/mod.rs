@@ -127,20 +127,13 @@ pub fn run(mut cmd: Command, limit: Duration) -> Run {
     };
     let out = reader(Box::new(child.stdout.take().unwrap()));
     let err = reader(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what} did not finish within {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
-                out.join().unwrap(),
-                err.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll interval; the limit is above
+    let status = match wait_within(child, limit) {
+        Ok(status) => status,
+        Err(()) => panic!(
+            "{what} did not finish within {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+            out.join().unwrap(),
+            err.join().unwrap()
+        ),
     };
     Run {
         status,
@@ -262,16 +255,28 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// Wait up to `limit` for `child` to exit; then SIGKILL it.
-fn reap(child: &mut Child, limit: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if child.try_wait().ok().flatten().is_some() {
-            return;
+fn reap(child: Child, limit: Duration) {
+    let _ = wait_within(child, limit);
+}
+
+/// Wait for `child` to exit within `limit`: its status, or `Err` after it
+/// was killed for taking longer (nothing is left running either way).
+fn wait_within(mut child: Child, limit: Duration) -> Result<std::process::ExitStatus, ()> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(status) => Ok(status.expect("wait for a child")),
+        Err(_) => {
+            // Not reaped yet (the waiter is still in wait()): the pid is
+            // still this child's.
+            signal(pid, "KILL");
+            let _ = waiter.join();
+            Err(())
         }
-        std::thread::sleep(Duration::from_millis(10)); // poll interval within `limit`
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Wait until `ready()` holds for a server just started as `child`; fail
@@ -418,9 +423,9 @@ impl Postgres {
     /// sees its connection drop, as when a database server dies. Returns
     /// once the postmaster has exited.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             signal(child.id(), "QUIT");
-            reap(&mut child, Duration::from_secs(10));
+            reap(child, Duration::from_secs(10));
         }
     }
 
