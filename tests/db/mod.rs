@@ -279,32 +279,64 @@ fn wait_within(mut child: Child, limit: Duration) -> Result<std::process::ExitSt
     }
 }
 
-/// Wait until `ready()` holds for a server just started as `child`; fail
-/// with its log if it exits or is not ready within [`START_DEADLINE`].
-fn wait_ready(
+/// Start a server with its stdout and stderr copied into `log`, and wait
+/// until a log line contains `ready` and the `confirm` probe agrees. Fails
+/// with the log if the server exits first or is not ready within
+/// [`START_DEADLINE`]. Nothing is polled: the log is read as it is written.
+fn start_server(
     what: &str,
-    child: &mut Option<Child>,
-    port: u16,
+    cmd: &mut Command,
     log: &Path,
-    ready: impl Fn() -> bool,
-) {
-    let log = || std::fs::read_to_string(log).unwrap_or_default();
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.as_mut().unwrap().try_wait().unwrap() {
-            *child = None;
-            panic!("{what} exited ({status}) during start-up:\n{}", log());
+    ready: &'static str,
+    confirm: impl Fn() -> bool,
+) -> Child {
+    let file = std::sync::Arc::new(std::sync::Mutex::new(std::fs::File::create(log).unwrap()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}; {INSTALL_HINT}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let copy = |stream: Box<dyn Read + Send>| {
+        let (file, tx) = (file.clone(), tx.clone());
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(file.lock().unwrap(), "{line}");
+                if line.contains(ready) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    };
+    copy(Box::new(child.stdout.take().unwrap()));
+    copy(Box::new(child.stderr.take().unwrap()));
+    drop(tx);
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    match rx.recv_timeout(START_DEADLINE) {
+        Ok(()) => {}
+        // Both pipes closed: the server is gone.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.wait().unwrap();
+            panic!("{what} exited ({status}) during start-up:\n{}", read_log());
         }
-        if ready() {
-            return;
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} not ready within {START_DEADLINE:?}:\n{}",
+                read_log()
+            );
         }
-        assert!(
-            start.elapsed() < START_DEADLINE,
-            "{what} on port {port} not ready within {START_DEADLINE:?}:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50)); // poll interval; deadline above
     }
+    assert!(
+        confirm(),
+        "{what} logged readiness but does not answer:\n{}",
+        read_log()
+    );
+    child
 }
 
 /// A throwaway PostgreSQL cluster on 127.0.0.1:`port`.
@@ -337,7 +369,6 @@ impl Postgres {
         run_ok(initdb, START_DEADLINE);
 
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
         let mut cmd = as_pg_user(&pg_tool("postgres"), dir.path());
         cmd.arg("-D")
             .arg(&data)
@@ -351,37 +382,24 @@ impl Postgres {
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "shared_buffers=16MB"])
             .args(["-c", "max_connections=100"])
-            .args(["-c", "logging_collector=off"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start postgres: {e}; {INSTALL_HINT}"));
-        let mut pg = Postgres {
+            .args(["-c", "logging_collector=off"]);
+        let child = start_server(
+            "postgres",
+            &mut cmd,
+            &dir.path().join("postgres.log"),
+            "database system is ready to accept connections",
+            || {
+                let mut probe = pg_client("pg_isready");
+                probe.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "5"]);
+                run(probe, Duration::from_secs(10)).status.success()
+            },
+        );
+        Postgres {
             port,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
             dir,
-        };
-        pg.wait_ready();
-        pg
-    }
-
-    fn wait_ready(&mut self) {
-        let port = self.port.to_string();
-        let dir = self.dir.path().to_owned();
-        wait_ready(
-            "postgres",
-            &mut self.child,
-            self.port,
-            &dir.join("postgres.log"),
-            || {
-                let mut probe = pg_client("pg_isready");
-                probe.args(["-h", "127.0.0.1", "-p", &port, "-t", "1"]);
-                run(probe, Duration::from_secs(10)).status.success()
-            },
-        );
+        }
     }
 
     /// The server's log so far.
@@ -518,9 +536,8 @@ impl Redis {
             .tempdir()
             .unwrap();
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("redis.log")).unwrap();
-        let child = Command::new(server)
-            .args(["--port", &port.to_string()])
+        let mut cmd = Command::new(server);
+        cmd.args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -528,29 +545,23 @@ impl Redis {
             .args(["--logfile", ""])
             .arg("--dir")
             .arg(dir.path())
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
-        let mut r = Redis {
+            .current_dir(dir.path());
+        let child = start_server(
+            "redis-server",
+            &mut cmd,
+            &dir.path().join("redis.log"),
+            "Ready to accept connections",
+            || {
+                let r = run(redis_cli_cmd(port, &["ping"]), Duration::from_secs(10));
+                r.status.success() && r.stdout.trim() == "PONG"
+            },
+        );
+        Redis {
             port,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
             dir,
-        };
-        r.wait_ready();
-        r
-    }
-
-    fn wait_ready(&mut self) {
-        let port = self.port;
-        let log = self.dir.path().join("redis.log");
-        wait_ready("redis-server", &mut self.child, port, &log, || {
-            let r = run(redis_cli_cmd(port, &["ping"]), Duration::from_secs(10));
-            r.status.success() && r.stdout.trim() == "PONG"
-        });
+        }
     }
 
     pub fn log(&self) -> String {
