@@ -8,7 +8,7 @@
 //! a pool is kept under PostgreSQL's `max_connections`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,6 +19,9 @@ use crate::backend::{ActiveGuard, AdminState, Backend};
 #[derive(Debug, Default)]
 pub struct Queue {
     waiting: AtomicUsize,
+    /// Slots released so far: tells a woken waiter whether its wake-up
+    /// brought news it has not looked at yet.
+    releases: AtomicU64,
     /// Woken (one waiter at a time, oldest first) when a capped slot frees.
     freed: Notify,
 }
@@ -41,6 +44,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.guard.state().release_slot();
+        self.queue.releases.fetch_add(1, Ordering::SeqCst);
         if self.queue.waiting() > 0 {
             self.queue.freed.notify_one();
         }
@@ -89,24 +93,28 @@ impl Queue {
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _leave = Leave(&self.waiting);
-        let mut woken = false;
+        let mut seen = None;
         loop {
             let notified = self.freed.notified();
             tokio::pin!(notified);
             // Registered before looking, so a slot freed meanwhile wakes us.
             notified.as_mut().enable();
+            let releases = self.releases.load(Ordering::SeqCst);
             match pick() {
                 Err(Busy::Capped) => {}
                 done => return done,
             }
-            if woken {
-                // The slot that woke us is no use to this connection (a
-                // backend it already failed on, or one its older route does
-                // not have): pass the wake-up on rather than lose it.
+            if seen.is_some_and(|s| s != releases) {
+                // Woken by a release this connection cannot use (a backend
+                // it already failed on, or one its older route does not
+                // have): pass the wake-up on rather than lose it. Once per
+                // release per waiter, so two waiters that both cannot use
+                // it do not hand it back and forth.
                 self.freed.notify_one();
             }
+            seen = Some(releases);
             tokio::select! {
-                () = notified => woken = true,
+                () = notified => {}
                 () = tokio::time::sleep_until(deadline) => return Err(Busy::Capped),
             }
         }
@@ -217,5 +225,96 @@ impl OpenCount {
             return;
         }
         notified.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::balancer::test_support::backends;
+
+    fn capped(n: usize) -> Vec<Arc<Backend>> {
+        let mut list = backends(&vec![1; n]);
+        for b in &mut list {
+            Arc::get_mut(b).unwrap().config.max_connections = Some(1);
+        }
+        list
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        let mut poll = tokio::time::interval(Duration::from_millis(2));
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+            poll.tick().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_the_oldest_waiter_cannot_use_is_passed_on() {
+        let queue = Arc::new(Queue::default());
+        let list = capped(2);
+        let (x, y) = (list[0].clone(), list[1].clone());
+        let slot_x = queue.try_slot(&x).unwrap();
+        let slot_y = queue.try_slot(&y).unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        // The oldest waiter can only use x; the next one takes either.
+        let a = tokio::spawn({
+            let (queue, x) = (queue.clone(), x.clone());
+            async move {
+                let q = queue.clone();
+                queue
+                    .acquire(far, || Picker::new(std::iter::once(&x)).pick(&q))
+                    .await
+                    .map(|(b, _)| b.name.clone())
+            }
+        });
+        until("a queued", || queue.waiting() == 1).await;
+        let b = tokio::spawn({
+            let (queue, list) = (queue.clone(), list.clone());
+            async move {
+                let q = queue.clone();
+                queue
+                    .acquire(far, || Picker::new(list.iter().rev()).pick(&q))
+                    .await
+                    .map(|(b, _)| b.name.clone())
+            }
+        });
+        until("b queued", || queue.waiting() == 2).await;
+        // y frees: A is woken first, cannot use it, and must hand it to B.
+        drop(slot_y);
+        let got_b = tokio::time::timeout(Duration::from_secs(20), b).await;
+        assert_eq!(
+            got_b.expect("B was not woken").unwrap().unwrap(),
+            "b1".into()
+        );
+        assert_eq!(queue.waiting(), 1, "A still waits for x");
+        drop(slot_x);
+        let got_a = tokio::time::timeout(Duration::from_secs(20), a).await;
+        assert_eq!(
+            got_a.expect("A was not woken").unwrap().unwrap(),
+            "b0".into()
+        );
+    }
+
+    #[tokio::test]
+    async fn every_slot_counts_against_a_cap_set_later() {
+        let queue = Arc::new(Queue::default());
+        let mut list = backends(&[1]);
+        let held = queue.try_slot(&list[0]).unwrap();
+        // A reload caps the backend at 1 while a connection is open.
+        let b = Arc::new(Backend::new(
+            &crate::config::BackendConfig {
+                max_connections: Some(1),
+                ..list[0].config.clone()
+            },
+            list[0].state.clone(),
+        ));
+        list[0] = b;
+        assert!(queue.try_slot(&list[0]).is_none(), "the open one counts");
+        drop(held);
+        assert!(queue.try_slot(&list[0]).is_some());
     }
 }
