@@ -37,12 +37,9 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 /// dual-stack socket reports for IPv4 clients) hash as the IPv4 address, so a
 /// client keeps its backend whichever way the listener is bound.
 pub fn hash_ip(ip: IpAddr) -> u64 {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => hash_bytes(&v4.octets()),
-            None => hash_bytes(&v6.octets()),
-        },
+        IpAddr::V6(v6) => hash_bytes(&v6.octets()),
     }
 }
 

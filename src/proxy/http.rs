@@ -281,7 +281,8 @@ async fn handle(
             .metrics
             .http()
             .count(response.status().as_u16());
-        let cookie = insert.map(|s| (s, route.cookie_for(&backend)));
+        let id = insert.map(|_| cookie_id(&route.config.name, &backend.name));
+        let cookie = insert.zip(id.as_deref());
         if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
             let mut response = finish_response(response, &backend, None, cookie);
             let backend_upgrade = hyper::upgrade::on(&mut response);
@@ -435,15 +436,7 @@ impl Tunnel {
 impl Route {
     /// Index of the backend an lbCookie value names.
     fn cookie_index(&self, id: &str) -> Option<usize> {
-        self.cookie_ids.iter().position(|c| c == id)
-    }
-
-    fn cookie_for(&self, backend: &Backend) -> &str {
-        self.pool
-            .backends
-            .iter()
-            .position(|b| std::ptr::eq(&**b, backend))
-            .map_or("", |i| &self.cookie_ids[i])
+        self.cookie_ids.get(id).copied()
     }
 }
 
@@ -555,10 +548,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 fn prepare_request(req: &mut Request<Incoming>, client: IpAddr, upgrade: bool) {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    let client = match client {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let client = client.to_canonical();
     let xff_name = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<String> = headers
         .get_all(&xff_name)

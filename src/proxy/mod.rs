@@ -21,9 +21,9 @@ pub struct Route {
     pub config: Arc<ListenerConfig>,
     pub pool: Pool,
     pub metrics: ListenerMetrics,
-    /// HTTP mode: the lbCookie value of each backend (same order as
-    /// `pool.backends`); empty for other listeners.
-    pub cookie_ids: Vec<String>,
+    /// HTTP mode with lbCookie: cookie value → index in `pool.backends`;
+    /// empty for other listeners. Shared by rebuilt routes.
+    pub cookie_ids: Arc<hashbrown::HashMap<String, usize>>,
     /// The listener's queue for capped backends (kept across reloads).
     pub queue: Arc<queue::Queue>,
     /// The listener's open client connections (kept across reloads).
@@ -41,15 +41,16 @@ impl Route {
         let cookie_ids = match &config.sticky {
             Some(_) => backends
                 .iter()
-                .map(|b| http::cookie_id(&config.name, &b.name))
+                .enumerate()
+                .map(|(i, b)| (http::cookie_id(&config.name, &b.name), i))
                 .collect(),
-            None => Vec::new(),
+            None => Default::default(),
         };
         Route {
             pool: Pool::new(config.algorithm, backends),
             config,
             metrics,
-            cookie_ids,
+            cookie_ids: Arc::new(cookie_ids),
             queue,
             open,
         }

@@ -70,13 +70,7 @@ pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
 
 /// An IPv4 client seen through a dual-stack socket, as the IPv4 address.
 fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]

@@ -44,8 +44,10 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.guard.state().release_slot();
-        self.queue.releases.fetch_add(1, Ordering::SeqCst);
+        // Only waiters care; a connection that starts waiting later sees
+        // the freed slot in its own first pick.
         if self.queue.waiting() > 0 {
+            self.queue.releases.fetch_add(1, Ordering::SeqCst);
             self.queue.freed.notify_one();
         }
     }

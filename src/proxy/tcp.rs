@@ -125,10 +125,7 @@ pub async fn accept_loop(
 /// Whether a client address is in the allow-list (IPv4 clients seen
 /// through a dual-stack socket are checked as IPv4).
 pub fn allowed(allow: &[ipnet::IpNet], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = ip.to_canonical();
     allow.iter().any(|net| net.contains(&ip))
 }
 
