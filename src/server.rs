@@ -358,11 +358,6 @@ impl Server {
         Some(self.listeners.get(listener)?.shared.queue.waiting())
     }
 
-    /// Open client connections.
-    pub fn active_connections(&self) -> usize {
-        self.ctx.tracker.len()
-    }
-
     /// Stop accepting at once, let open connections finish for up to `grace`,
     /// then cut the rest. Returns how many were cut.
     pub async fn shutdown(mut self, grace: Duration) -> usize {

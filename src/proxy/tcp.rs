@@ -15,7 +15,7 @@ use super::relay::{self, End, Meter};
 use super::tripwire::Tripwire;
 use super::{Route, http, proxy_protocol};
 use crate::backend::{Backend, BackendState};
-use crate::config::{Mode, OnMarkedDown};
+use crate::config::{Mode, OnMarkedDown, ProxyProtocol};
 use crate::metrics::Reject;
 use crate::sockets;
 
@@ -161,10 +161,13 @@ async fn serve(
             return;
         }
     };
-    if let Some(header) = client
-        .local_addr()
-        .ok()
-        .and_then(|local| proxy_protocol::header(route.config.proxy_protocol, peer, local))
+    // getsockname only when a PROXY header is wanted.
+    let version = route.config.proxy_protocol;
+    if version != ProxyProtocol::Off
+        && let Some(header) = client
+            .local_addr()
+            .ok()
+            .and_then(|local| proxy_protocol::header(version, peer, local))
         && let Err(e) = write_all(&upstream, &header).await
     {
         debug!(error = %e, "sending the PROXY header failed");
