@@ -35,13 +35,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::backend::AdminState;
+use crate::backend::{AdminState, BackendState};
 use crate::config::Secret;
 use crate::metrics::Metrics;
-use crate::proxy::tcp::ACCEPT_ERROR_BACKOFF;
-use crate::proxy::tripwire::Tripwire;
-use crate::server::{self, Directory};
-use crate::sockets;
+use crate::server::{Directory, ListenerView};
+use crate::sockets::{self, ACCEPT_ERROR_BACKOFF};
+use crate::sync::Tripwire;
 
 /// A slow or idle admin client cannot hold a connection open for ever
 /// waiting for its request headers.
@@ -215,7 +214,7 @@ pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr
             let (listener, backend) = (listener.to_string(), backend.to_string());
             match *req.method() {
                 Method::GET => match find_backend(ctx, &listener, &backend) {
-                    Some((_, state)) => json_reply(
+                    Some(state) => json_reply(
                         StatusCode::OK,
                         &json!({"listener": listener, "backend": backend,
                                 "admin_state": state.admin_state().as_str()}),
@@ -237,17 +236,18 @@ fn not_found_backend(listener: &str, backend: &str) -> Reply {
     )
 }
 
-type Found = (
-    Arc<ArcSwap<crate::proxy::Route>>,
-    Arc<crate::backend::BackendState>,
-);
+fn find_view(ctx: &AdminContext, listener: &str) -> Option<ListenerView> {
+    ctx.directory
+        .load()
+        .iter()
+        .find(|v| &*v.name == listener)
+        .cloned()
+}
 
-fn find_backend(ctx: &AdminContext, listener: &str, backend: &str) -> Option<Found> {
-    let views = ctx.directory.load();
-    let view = views.iter().find(|v| &*v.name == listener)?;
-    let route = view.route.load();
+fn find_backend(ctx: &AdminContext, listener: &str, backend: &str) -> Option<Arc<BackendState>> {
+    let route = find_view(ctx, listener)?.route.load_full();
     let b = route.pool.backends.iter().find(|b| &*b.name == backend)?;
-    Some((view.route.clone(), b.state.clone()))
+    Some(b.state.clone())
 }
 
 async fn set_state(
@@ -290,14 +290,15 @@ async fn set_state(
             "body must be one of: ready, drain, maint",
         );
     };
-    let Some((route, state)) = find_backend(ctx, listener, backend) else {
+    // The listener's owner sets it and rebuilds the pool before answering:
+    // once the caller sees 200, no new connection goes to a drained backend.
+    let changed = match find_view(ctx, listener) {
+        Some(view) => view.backends.set_admin_state(backend, new).await,
+        None => None,
+    };
+    let Some(old) = changed else {
         return not_found_backend(listener, backend);
     };
-    let old = state.admin_state();
-    state.set_admin_state(new);
-    // The pool is rebuilt before answering: once the caller sees 200, no
-    // new connection goes to a drained backend.
-    server::rebuild(&route).await;
     info!(%peer, listener, backend, from = old.as_str(), to = new.as_str(), "admin state changed");
     json_reply(
         StatusCode::OK,
@@ -312,7 +313,7 @@ pub fn status(directory: &Directory) -> serde_json::Value {
         .iter()
         .map(|view| {
             let route = view.route.load();
-            let c = &route.config;
+            let c = &route.settings;
             let in_rotation: Vec<&str> = route.pool.in_rotation().map(|b| &*b.name).collect();
             let backends: Vec<_> = route
                 .pool
@@ -342,14 +343,14 @@ pub fn status(directory: &Directory) -> serde_json::Value {
             let active: u64 = route.pool.backends.iter().map(|b| b.state.active()).sum();
             json!({
                 "name": &*view.name,
-                "bind": c.bind.to_string(),
+                "bind": view.bind.to_string(),
                 "local_addr": view.local_addr.to_string(),
                 "mode": c.mode.as_str(),
                 "algorithm": c.algorithm.as_str(),
                 "active_connections": active,
-                "open_client_connections": route.open.open(),
+                "open_client_connections": route.shared.open.open(),
                 "max_connections": c.max_connections,
-                "queued_connections": route.queue.waiting(),
+                "queued_connections": route.shared.queue.waiting(),
                 "backends": backends,
             })
         })

@@ -1,26 +1,26 @@
-//! Backend identity and live state.
+//! Backend identity and live state: plain data.
 //!
 //! A [`Backend`] is one `[[listener.backend]]` as the current config describes
-//! it (name, address, weight). Its [`BackendState`] — active connections,
-//! totals — lives in an `Arc` that the [`Registry`] keys by (listener, backend
-//! name), so a reload that keeps the backend hands the new snapshot the very
-//! same counters. Everything on the connection path is an atomic: no locks.
+//! it (name, address, weight). Its [`BackendState`] — health verdict, admin
+//! state, active connections, totals — lives in an `Arc` that the registry
+//! ([`crate::registry`]) keys by (listener, backend name), so a reload that
+//! keeps the backend hands the new pool the very same counters, and a
+//! connection holds this and nothing of the pool it was scheduled from.
+//! Everything on the connection path is an atomic: no locks.
+//!
+//! This module decides nothing about health (that is [`crate::health`]),
+//! HTTP (the keep-alive pool belongs to HTTP mode) or metric registration
+//! (it is handed its metric handles): it is a leaf that everything else can
+//! depend on.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hashbrown::HashMap;
 
 use crate::config::BackendConfig;
-use crate::health::Hysteresis;
-use crate::metrics::{BackendMetrics, Metrics};
-use crate::proxy::http::ConnPool;
-use crate::proxy::tripwire::Tripwire;
-
-/// (listener name, backend name): how live state is found across reloads.
-pub type BackendKey = (Arc<str>, Arc<str>);
+use crate::metrics::BackendMetrics;
+use crate::sync::Tripwire;
 
 /// One backend as the current snapshot sees it: its config (name,
 /// address, weight… — reachable directly through `Deref`) and its live
@@ -48,11 +48,28 @@ impl Backend {
         }
     }
 
-    /// Whether the scheduler may offer this backend for new connections:
-    /// weight above zero, up, and not drained or in maintenance.
-    pub fn usable(&self) -> bool {
-        self.weight > 0 && self.state.is_up() && self.state.admin_state() == AdminState::Ready
+    /// Whether this backend may take a new connection that comes `via`.
+    /// The one eligibility rule of the crate: the scheduler, the queue and
+    /// lbCookie all ask here.
+    pub fn admits(&self, via: Via) -> bool {
+        self.state.is_up()
+            && match via {
+                Via::Scheduler => self.weight > 0 && self.state.admin_state() == AdminState::Ready,
+                Via::Pinned => self.state.admin_state() != AdminState::Maint,
+            }
     }
+}
+
+/// How a new connection comes to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Offered by the scheduler: the backend must be up, ready and of a
+    /// weight above zero.
+    Scheduler,
+    /// Already bound for it — an lbCookie, or a selection made before the
+    /// connection waited in the queue: up and not in maintenance is enough
+    /// (a drained backend keeps what was already its own).
+    Pinned,
 }
 
 /// An operator's say on a backend, kept apart from health.
@@ -94,16 +111,11 @@ pub struct BackendState {
     up: AtomicBool,
     /// [`AdminState`] as a number; survives reloads, not restarts.
     admin: AtomicU8,
-    /// The probes' consecutive-result counters; only the probe task of this
-    /// backend touches it (never the data path).
-    pub(crate) hysteresis: Mutex<Hysteresis>,
     /// Tripped (and replaced) when open connections must be cut because
     /// the backend was marked down with `on_marked_down = "shutdown"`.
     cut: ArcSwap<Tripwire>,
     /// Counters, exported as they are: the metrics are the live state.
     pub metrics: Arc<BackendMetrics>,
-    /// HTTP mode: idle keep-alive connections to this backend.
-    pub http_pool: ConnPool,
     /// Connections (HTTP: requests) holding a slot, checked against
     /// `max_connections`.
     in_use: AtomicUsize,
@@ -122,10 +134,8 @@ impl BackendState {
         BackendState {
             up: AtomicBool::new(true),
             admin: AtomicU8::new(AdminState::Ready as u8),
-            hysteresis: Mutex::default(),
             cut: ArcSwap::from_pointee(Tripwire::new()),
             metrics,
-            http_pool: ConnPool::default(),
             in_use: AtomicUsize::new(0),
         }
     }
@@ -134,7 +144,9 @@ impl BackendState {
         self.up.load(Relaxed)
     }
 
-    pub(crate) fn set_up(&self, up: bool) {
+    /// Record health's verdict (the listener's backend-set owner does, on
+    /// a flip).
+    pub fn set_up(&self, up: bool) {
         self.up.store(up, Relaxed);
         self.metrics.up.set(i64::from(up));
     }
@@ -179,20 +191,6 @@ impl BackendState {
     /// taken before now; later connections are unaffected.
     pub fn cut_connections(&self) {
         self.cut.swap(Arc::new(Tripwire::new())).trip();
-    }
-
-    pub(crate) fn record_check(&self, ok: bool, took: Duration) {
-        let m = &self.metrics;
-        if ok { &m.checks_ok } else { &m.checks_failed }.inc();
-        m.check_duration.observe(took.as_secs_f64());
-    }
-
-    /// (successful, failed) health probes so far.
-    pub fn checks(&self) -> (u64, u64) {
-        (
-            self.metrics.checks_ok.get(),
-            self.metrics.checks_failed.get(),
-        )
     }
 
     /// Count a connection assigned to this backend (connecting or
@@ -249,71 +247,6 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Live state of every backend, keyed by (listener, backend name).
-///
-/// Only the control plane touches the map (at start and reload); the data path
-/// holds the `Arc`s it was handed in a snapshot.
-#[derive(Debug)]
-pub struct Registry {
-    metrics: Arc<Metrics>,
-    states: HashMap<BackendKey, Arc<BackendState>>,
-    /// Removed backends whose connections may still be open: re-added
-    /// before those end, a backend gets its state back, so its cap and
-    /// counters still see them.
-    retired: HashMap<BackendKey, Weak<BackendState>>,
-}
-
-impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Registry {
-        Registry {
-            metrics,
-            states: HashMap::new(),
-            retired: HashMap::new(),
-        }
-    }
-
-    /// The state for (listener, backend): kept, still draining, or new.
-    pub fn state(&mut self, listener: &Arc<str>, backend: &Arc<str>) -> Arc<BackendState> {
-        let key = (listener.clone(), backend.clone());
-        if let Some(state) = self.states.get(&key) {
-            return state.clone();
-        }
-        let state = self
-            .retired
-            .remove(&key)
-            .and_then(|w| w.upgrade())
-            .unwrap_or_else(|| {
-                Arc::new(BackendState::new(self.metrics.backend(listener, backend)))
-            });
-        self.states.insert(key, state.clone());
-        state
-    }
-
-    /// Judge a backend's health afresh (its address changed: it is another
-    /// server now). It starts up and unprobed, like a new backend.
-    pub fn reset_health(&mut self, listener: &Arc<str>, backend: &Arc<str>) {
-        if let Some(state) = self.states.get(&(listener.clone(), backend.clone())) {
-            *state.hysteresis.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
-            state.set_up(true);
-        }
-    }
-
-    /// Forget backends that are no longer configured. Their connections keep
-    /// their own `Arc`s and finish normally.
-    pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
-        let mut removed = Vec::new();
-        self.states.retain(|(l, b), state| {
-            let kept = keep(l, b);
-            if !kept {
-                removed.push(((l.clone(), b.clone()), Arc::downgrade(state)));
-            }
-            kept
-        });
-        self.retired.retain(|_, w| w.strong_count() > 0);
-        self.retired.extend(removed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,29 +263,5 @@ mod tests {
         assert_eq!((s.active(), s.total()), (1, 2));
         drop(g2);
         assert_eq!((s.active(), s.total()), (0, 2));
-    }
-
-    #[test]
-    fn registry_hands_out_the_same_state_for_the_same_key() {
-        let mut r = Registry::new(Metrics::new());
-        let (l, b): (Arc<str>, Arc<str>) = ("pg".into(), "pg1".into());
-        let a = r.state(&l, &b);
-        let again = r.state(&l, &b);
-        assert!(Arc::ptr_eq(&a, &again));
-        let other = r.state(&l, &"pg2".into());
-        assert!(!Arc::ptr_eq(&a, &other));
-        r.retain(|_, name| name != "pg1");
-        // Re-added while its old state is still held (open connections):
-        // the same state comes back, caps and counters intact.
-        assert!(Arc::ptr_eq(&a, &r.state(&l, &b)));
-        r.retain(|_, name| name != "pg1");
-        drop((a, again));
-        r.retain(|_, _| true);
-        let fresh = r.state(&l, &b);
-        assert_eq!(
-            fresh.total(),
-            0,
-            "a backend re-added after its last connection starts fresh"
-        );
     }
 }

@@ -42,14 +42,17 @@
 
 pub mod admin;
 pub mod backend;
+pub mod backend_set;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod service;
 pub mod sockets;
+pub mod sync;
 pub mod watch;

@@ -3,19 +3,21 @@
 //! Names live in [`names`]; each metric is registered once per [`Metrics`]
 //! (one per running server, so tests can run several). The data path never
 //! looks a metric up by label: a backend's handles are resolved when its live
-//! state is created ([`BackendMetrics`]) and a listener's when its route is
-//! built ([`ListenerMetrics`]), so updating one is a single atomic operation.
+//! state is created ([`BackendMetrics`]), its health checks' when its probe
+//! starts ([`CheckMetrics`]), and a listener's once ([`ListenerMetrics`]), so
+//! updating one is a single atomic operation. This module depends on no other
+//! part of the crate: the components that count are handed their handles.
 //!
 //! Label values come only from config names (listener, backend) and fixed
 //! sets (direction, result, reason, HTTP status code), never from client
 //! input, so cardinality is bounded by the config. A removed backend's series
 //! disappear when its last connection ends: [`BackendMetrics`] removes its
-//! label values when the last holder drops it.
+//! label values when the last holder drops it, and [`CheckMetrics`] when its
+//! probe stops.
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use crate::backend::BackendKey;
 use hashbrown::HashMap;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -94,8 +96,14 @@ pub struct Metrics {
     last_reload_success: Gauge,
     /// Live per-backend handle sets, so a backend that is re-added while its
     /// old incarnation still drains shares one set of series.
-    backends: Mutex<HashMap<BackendKey, Weak<BackendMetrics>>>,
+    backends: Mutex<HashMap<SeriesKey, Weak<BackendMetrics>>>,
+    /// Live health-check handle sets, shared the same way (a probe that is
+    /// being replaced and its successor).
+    checks: Mutex<HashMap<SeriesKey, Weak<CheckMetrics>>>,
 }
+
+/// (listener, backend) label values of one backend's series.
+type SeriesKey = (Arc<str>, Arc<str>);
 
 const LB: &[&str] = &["listener", "backend"];
 
@@ -193,6 +201,7 @@ impl Metrics {
             ),
             registry,
             backends: Mutex::default(),
+            checks: Mutex::default(),
         });
         // Both results exist from the start at 0, so the first failure is
         // an increase that `increase()` (and the reload alert) can see.
@@ -238,15 +247,6 @@ impl Metrics {
             ]),
             up: self.backend_up.with_label_values(&l),
             connect_errors: self.connect_errors.with_label_values(&l),
-            checks_ok: self
-                .health_checks
-                .with_label_values(&[&**listener, &**backend, "success"]),
-            checks_failed: self.health_checks.with_label_values(&[
-                &**listener,
-                &**backend,
-                "failure",
-            ]),
-            check_duration: self.health_check_duration.with_label_values(&l),
             http: OnceLock::new(),
             http_family: self.http_requests.clone(),
             owner: Some((Arc::downgrade(self), key.clone())),
@@ -254,6 +254,39 @@ impl Metrics {
         m.up.set(1);
         live.insert(key, Arc::downgrade(&m));
         m
+    }
+
+    /// The health-check handles of one backend, shared while any holder
+    /// (its probe) lives.
+    pub fn checks(self: &Arc<Self>, listener: &Arc<str>, backend: &Arc<str>) -> Arc<CheckMetrics> {
+        let mut live = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (listener.clone(), backend.clone());
+        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let result = |r| {
+            self.health_checks
+                .with_label_values(&[&**listener, &**backend, r])
+        };
+        let m = Arc::new(CheckMetrics {
+            ok: result("success"),
+            failed: result("failure"),
+            duration: self
+                .health_check_duration
+                .with_label_values(&[&**listener, &**backend]),
+            owner: Some((Arc::downgrade(self), key.clone())),
+        });
+        live.insert(key, Arc::downgrade(&m));
+        m
+    }
+
+    /// (successful, failed) health checks of a backend that is being
+    /// probed now.
+    pub fn check_counts(&self, listener: &str, backend: &str) -> Option<(u64, u64)> {
+        let live = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let key: SeriesKey = (listener.into(), backend.into());
+        let m = live.get(&key)?.upgrade()?;
+        Some((m.ok.get(), m.failed.get()))
     }
 
     /// The handles of one listener.
@@ -284,28 +317,44 @@ impl Metrics {
         }
     }
 
-    /// Remove every series of a backend (its last holder is gone).
-    fn forget(&self, key: &BackendKey) {
-        let mut live = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        if live.get(key).is_some_and(|w| w.strong_count() > 0) {
-            // Re-added meanwhile: the series belong to the new incarnation.
+    /// Remove the data-path series of a backend (its last holder is gone).
+    fn forget(&self, key: &SeriesKey) {
+        if !last_holder_gone(&self.backends, key) {
             return;
         }
-        live.remove(key);
         let (l, b) = (&*key.0, &*key.1);
         let _ = self.connections.remove_label_values(&[l, b]);
         let _ = self.active.remove_label_values(&[l, b]);
         let _ = self.backend_up.remove_label_values(&[l, b]);
         let _ = self.connect_errors.remove_label_values(&[l, b]);
-        let _ = self.health_check_duration.remove_label_values(&[l, b]);
         for d in ["client_to_backend", "backend_to_client"] {
             let _ = self.bytes.remove_label_values(&[l, b, d]);
         }
+        // HTTP codes are removed by the dropped `HttpCodes` itself.
+    }
+
+    /// Remove the health-check series of a backend (no probe runs for it).
+    fn forget_checks(&self, key: &SeriesKey) {
+        if !last_holder_gone(&self.checks, key) {
+            return;
+        }
+        let (l, b) = (&*key.0, &*key.1);
+        let _ = self.health_check_duration.remove_label_values(&[l, b]);
         for r in ["success", "failure"] {
             let _ = self.health_checks.remove_label_values(&[l, b, r]);
         }
-        // HTTP codes are removed by the dropped `HttpCodes` itself.
     }
+}
+
+/// Drop `key` from a live map unless it was handed out again meanwhile (a
+/// re-added backend: the series then belong to the new holder).
+fn last_holder_gone<T>(live: &Mutex<HashMap<SeriesKey, Weak<T>>>, key: &SeriesKey) -> bool {
+    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+    if live.get(key).is_some_and(|w| w.strong_count() > 0) {
+        return false;
+    }
+    live.remove(key);
+    true
 }
 
 /// `switchyard_http_requests_total` for one (listener, backend): one
@@ -314,13 +363,13 @@ impl Metrics {
 #[derive(Debug)]
 pub struct HttpCodes {
     family: IntCounterVec,
-    key: BackendKey,
+    key: SeriesKey,
     /// Index: status code − 100 (codes 100..=599).
     codes: Box<[OnceLock<IntCounter>]>,
 }
 
 impl HttpCodes {
-    fn new(family: IntCounterVec, key: BackendKey) -> HttpCodes {
+    fn new(family: IntCounterVec, key: SeriesKey) -> HttpCodes {
         HttpCodes {
             family,
             key,
@@ -366,14 +415,11 @@ pub struct BackendMetrics {
     pub bytes_backend_to_client: IntCounter,
     pub up: IntGauge,
     pub connect_errors: IntCounter,
-    pub checks_ok: IntCounter,
-    pub checks_failed: IntCounter,
-    pub check_duration: Histogram,
     /// HTTP-mode response counters, created on first use.
     http: OnceLock<HttpCodes>,
     http_family: IntCounterVec,
     /// Where the series are registered, to remove them on drop.
-    owner: Option<(Weak<Metrics>, BackendKey)>,
+    owner: Option<(Weak<Metrics>, SeriesKey)>,
 }
 
 impl BackendMetrics {
@@ -404,9 +450,6 @@ impl BackendMetrics {
                 up
             },
             connect_errors: c(),
-            checks_ok: c(),
-            checks_failed: c(),
-            check_duration: Histogram::with_opts(HistogramOpts::new("h", "h")).unwrap(),
             http: OnceLock::new(),
             http_family: IntCounterVec::new(Opts::new("r", "r"), &["listener", "backend", "code"])
                 .unwrap(),
@@ -421,6 +464,44 @@ impl Drop for BackendMetrics {
             && let Some(metrics) = metrics.upgrade()
         {
             metrics.forget(key);
+        }
+    }
+}
+
+/// A backend's health-check handles, held by its probe.
+#[derive(Debug)]
+pub struct CheckMetrics {
+    pub ok: IntCounter,
+    pub failed: IntCounter,
+    pub duration: Histogram,
+    /// Where the series are registered, to remove them on drop.
+    owner: Option<(Weak<Metrics>, SeriesKey)>,
+}
+
+impl CheckMetrics {
+    /// Count one check and how long it took.
+    pub fn record(&self, ok: bool, took: Duration) {
+        if ok { &self.ok } else { &self.failed }.inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Handles registered nowhere (unit tests).
+    pub fn detached() -> CheckMetrics {
+        CheckMetrics {
+            ok: IntCounter::new("c", "c").unwrap(),
+            failed: IntCounter::new("c", "c").unwrap(),
+            duration: Histogram::with_opts(HistogramOpts::new("h", "h")).unwrap(),
+            owner: None,
+        }
+    }
+}
+
+impl Drop for CheckMetrics {
+    fn drop(&mut self) {
+        if let Some((metrics, key)) = &self.owner
+            && let Some(metrics) = metrics.upgrade()
+        {
+            metrics.forget_checks(key);
         }
     }
 }

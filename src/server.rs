@@ -1,13 +1,14 @@
-//! The running proxy: listeners, their routes, and the live backend state.
+//! The running proxy: listeners, their backend sets, and the live backend
+//! state.
 //!
-//! [`Server`] owns the control-plane side of everything the data path reads:
-//! per listener one accept task, one `ArcSwap<Route>`, a refresher that
-//! rebuilds the pool when health changes, and the health probes; plus the
-//! [`Registry`] of backend live state. [`Server::reload`] applies a new
-//! config as a diff: bind what is new first (so a failure changes nothing),
-//! then swap routes, so open connections never notice. Embedders and tests
-//! start it from a validated [`Config`]; the daemon ([`crate::daemon`]) adds
-//! signals and file watching on top.
+//! [`Server`] holds per listener its [`Frontend`] (the socket and the task
+//! that serves it) and its [`BackendSet`] (the one owner of its backends,
+//! which publishes the route connections read), plus the [`Registry`] of
+//! backend live state. [`Server::reload`] applies a new config as a diff:
+//! bind what is new first (so a failure changes nothing), then hand each
+//! listener's owner its new config, so open connections never notice.
+//! Embedders and tests start it from a validated [`Config`]; the daemon
+//! ([`crate::daemon`]) adds signals and file watching on top.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,22 +16,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, BackendState, Registry};
-use crate::config::{Config, ListenerConfig};
-use crate::health::{self, ProbeContext};
-use crate::metrics::{ListenerMetrics, Metrics};
-use crate::proxy::Route;
-use crate::proxy::queue::{OpenCount, Queue};
-use crate::proxy::tcp::{self, ConnContext};
-use crate::proxy::tripwire::Tripwire;
+use crate::backend::BackendState;
+use crate::backend_set::BackendSet;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{Bound, ConnContext, Frontend, Route};
+use crate::registry::Registry;
 use crate::reload::{self, Change};
-use crate::sockets;
 
 /// Why the server could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +38,18 @@ pub enum StartError {
     },
 }
 
-/// A read-only view of one running listener, for the admin endpoint.
+/// A view of one running listener, for the admin endpoint.
 #[derive(Debug, Clone)]
 pub struct ListenerView {
     pub name: Arc<str>,
+    /// The configured address (`local_addr` is what it resolved to).
+    pub bind: SocketAddr,
     pub local_addr: SocketAddr,
-    /// The listener's current route: config, backends and their live state.
+    /// The listener's current route: settings, backends and their live
+    /// state.
     pub route: Arc<ArcSwap<Route>>,
+    /// Where admin state changes go.
+    pub backends: BackendSet,
 }
 
 /// The running listeners in config order, republished after every reload.
@@ -62,54 +61,18 @@ pub struct Server {
     config: Config,
     directory: Arc<Directory>,
     metrics: Arc<Metrics>,
-    registry: Registry,
+    registry: Arc<Registry>,
     listeners: HashMap<Arc<str>, Listener>,
     ctx: ConnContext,
 }
 
+/// One running listener.
 #[derive(Debug)]
 struct Listener {
     local_addr: SocketAddr,
     route: Arc<ArcSwap<Route>>,
-    /// Wakes the refresher to rebuild the pool (a backend flipped).
-    refresh: Arc<Notify>,
-    shared: ListenerShared,
-    accept: Acceptor,
-    refresher: JoinHandle<()>,
-    probes: Vec<JoinHandle<()>>,
-}
-
-/// What a listener keeps across reloads, whatever its routes.
-#[derive(Debug, Clone)]
-struct ListenerShared {
-    queue: Arc<Queue>,
-    open: Arc<OpenCount>,
-    metrics: ListenerMetrics,
-}
-
-/// A running accept loop and the means to stop it.
-#[derive(Debug)]
-struct Acceptor {
-    stop: Tripwire,
-    task: JoinHandle<()>,
-}
-
-impl Acceptor {
-    /// Stop accepting and wait until the listening socket is closed.
-    async fn stop(&mut self) {
-        self.stop.trip();
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.accept.stop.trip();
-        self.refresher.abort();
-        for p in &self.probes {
-            p.abort();
-        }
-    }
+    backends: BackendSet,
+    frontend: Frontend,
 }
 
 impl Default for Server {
@@ -137,14 +100,10 @@ impl Server {
                 listeners: Vec::new(),
             },
             directory: Arc::default(),
-            registry: Registry::new(metrics.clone()),
+            registry: Arc::new(Registry::new(metrics.clone())),
             metrics,
             listeners: HashMap::new(),
-            ctx: ConnContext {
-                tracker: TaskTracker::new(),
-                draining: Tripwire::new(),
-                abort: Tripwire::new(),
-            },
+            ctx: ConnContext::default(),
         }
     }
 
@@ -159,7 +118,7 @@ impl Server {
 
     /// Apply a new validated config. Sockets for new or moved listeners are
     /// bound first: if one fails, the running config stays as it was. Open
-    /// connections are never closed: they keep the route they started with.
+    /// connections are never closed.
     pub async fn reload(&mut self, new: Config) -> Result<ReloadSummary, StartError> {
         let changes = reload::diff(&self.config, &new);
         let find = |name: &str| new.listeners.iter().find(|l| &*l.name == name).cloned();
@@ -173,45 +132,28 @@ impl Server {
             );
             if needs_socket {
                 let l = find(change.listener()).expect("diff names new listeners");
-                let socket = sockets::bind_listener(l.bind, l.freebind).map_err(|source| {
-                    StartError::Bind {
-                        listener: l.name.clone(),
-                        addr: l.bind,
-                        source,
-                    }
+                let socket = Bound::bind(&l).map_err(|source| StartError::Bind {
+                    listener: l.name.clone(),
+                    addr: l.bind,
+                    source,
                 })?;
                 sockets.insert(l.name.clone(), socket);
             }
         }
 
-        // 2. Backends whose address changed are new servers: fresh health.
-        for change in &changes {
-            if let Change::BackendChanged {
-                listener,
-                backend,
-                address_changed: true,
-            } = change
-            {
-                self.registry.reset_health(listener, backend);
-            }
-        }
-
-        // 3. Removed listeners stop accepting; their connections run on.
+        // 2. Removed listeners stop accepting; their connections run on.
         for change in &changes {
             if let Change::ListenerRemoved(name) = change
                 && let Some(mut l) = self.listeners.remove(name)
             {
-                l.accept.stop().await;
+                l.frontend.stop().await;
+                l.backends.stop().await;
                 info!(listener = %name, "listener removed");
             }
         }
-        self.registry.retain(|l, b| {
-            new.listeners
-                .iter()
-                .any(|nl| &*nl.name == l && nl.backends.iter().any(|nb| &*nb.name == b))
-        });
 
-        // 4. Added and changed listeners get their new route (and socket).
+        // 3. Added and changed listeners: their owner takes the new config
+        //    (and a new socket where the bind changed).
         let touched: Vec<Arc<str>> = {
             let mut v: Vec<Arc<str>> = changes
                 .iter()
@@ -223,58 +165,41 @@ impl Server {
         };
         for name in touched {
             let config = find(&name).expect("touched listeners are in the new config");
-            // Per-listener state that outlives its routes: the queue, the
-            // open-connection count, and the metric handles (one set, so a
-            // route of an older config cannot drop series the new one uses).
-            let shared = match self.listeners.get(&name) {
-                Some(l) => l.shared.clone(),
-                None => ListenerShared {
-                    queue: Arc::default(),
-                    open: Arc::default(),
-                    metrics: self.metrics.listener(&name),
-                },
-            };
-            let route = Arc::new(self.build_route(config.clone(), &shared));
             let socket = sockets.remove(&name);
             match self.listeners.get_mut(&name) {
                 Some(l) => {
-                    l.route.store(route);
-                    // A raised max_connections must resume a paused accept
-                    // loop now, not when a connection next closes.
-                    l.shared.open.wake();
-                    for p in l.probes.drain(..) {
-                        p.abort();
-                    }
-                    l.probes = spawn_probes(&l.route.load(), &l.refresh);
+                    l.backends.reconfigure(config.clone()).await;
                     if let Some(socket) = socket {
                         // The new socket accepts before the old one closes:
                         // no moment where both refuse.
-                        let addr = socket.local_addr().unwrap_or(config.bind);
                         let mut old = std::mem::replace(
-                            &mut l.accept,
-                            spawn_acceptor(socket, &l.route, &self.ctx),
+                            &mut l.frontend,
+                            socket.serve(l.route.clone(), &self.ctx),
                         );
                         old.stop().await;
-                        l.local_addr = addr;
-                        info!(listener = %name, addr = %addr, "listening (moved)");
+                        l.local_addr = l.frontend.local_addr.unwrap_or(config.bind);
+                        info!(listener = %name, addr = %l.local_addr, "listening (moved)");
                     }
                 }
                 None => {
                     let socket = socket.expect("added listeners were bound");
-                    let local = socket.local_addr().unwrap_or(config.bind);
-                    let route = Arc::new(ArcSwap::new(route));
-                    let refresh = Arc::new(Notify::new());
-                    let listener = Listener {
-                        local_addr: local,
-                        refresher: tokio::spawn(refresher(route.clone(), refresh.clone())),
-                        probes: spawn_probes(&route.load(), &refresh),
-                        accept: spawn_acceptor(socket, &route, &self.ctx),
-                        route,
-                        refresh,
-                        shared,
-                    };
-                    info!(listener = %name, addr = %local, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
-                    self.listeners.insert(name.clone(), listener);
+                    let (backends, route) = BackendSet::start(
+                        config.clone(),
+                        self.registry.clone(),
+                        self.metrics.clone(),
+                    );
+                    let frontend = socket.serve(route.clone(), &self.ctx);
+                    let local_addr = frontend.local_addr.unwrap_or(config.bind);
+                    info!(listener = %name, addr = %local_addr, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
+                    self.listeners.insert(
+                        name.clone(),
+                        Listener {
+                            local_addr,
+                            route,
+                            backends,
+                            frontend,
+                        },
+                    );
                 }
             }
         }
@@ -285,34 +210,16 @@ impl Server {
                     let l = self.listeners.get(&c.name)?;
                     Some(ListenerView {
                         name: c.name.clone(),
+                        bind: c.bind,
                         local_addr: l.local_addr,
                         route: l.route.clone(),
+                        backends: l.backends.clone(),
                     })
                 })
                 .collect(),
         ));
         self.config = new;
         Ok(ReloadSummary { changes })
-    }
-
-    /// A route for `config`, with backend state from the registry (kept
-    /// backends keep their counters and health).
-    fn build_route(&mut self, config: Arc<ListenerConfig>, shared: &ListenerShared) -> Route {
-        let backends = config
-            .backends
-            .iter()
-            .map(|b| {
-                let state = self.registry.state(&config.name, &b.name);
-                Arc::new(Backend::new(b, state))
-            })
-            .collect();
-        Route::new(
-            config,
-            backends,
-            shared.metrics.clone(),
-            shared.queue.clone(),
-            shared.open.clone(),
-        )
     }
 
     /// The running listeners, kept current across reloads.
@@ -346,6 +253,23 @@ impl Server {
             .map(|b| b.state.clone())
     }
 
+    /// (successful, failed) health checks of a backend being probed now.
+    pub fn checks(&self, listener: &str, backend: &str) -> Option<(u64, u64)> {
+        self.metrics.check_counts(listener, backend)
+    }
+
+    /// Set a backend's admin state (as the admin API does); `None` if there
+    /// is no such backend, else its previous state.
+    pub async fn set_admin_state(
+        &self,
+        listener: &str,
+        backend: &str,
+        state: crate::backend::AdminState,
+    ) -> Option<crate::backend::AdminState> {
+        let l = self.listeners.get(listener)?;
+        l.backends.set_admin_state(backend, state).await
+    }
+
     /// Names of the backends a listener's current pool may offer to new
     /// connections (up, weight above zero, backups only as stand-ins).
     pub fn in_rotation(&self, listener: &str) -> Option<Vec<Arc<str>>> {
@@ -355,17 +279,19 @@ impl Server {
 
     /// Connections of a listener waiting for a backend below its cap.
     pub fn queued(&self, listener: &str) -> Option<usize> {
-        Some(self.listeners.get(listener)?.shared.queue.waiting())
+        let route = self.listeners.get(listener)?.route.load();
+        Some(route.shared.queue.waiting())
     }
 
     /// Stop accepting at once, let open connections finish for up to `grace`,
     /// then cut the rest. Returns how many were cut.
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         for l in self.listeners.values() {
-            l.accept.stop.trip();
+            l.frontend.trip();
         }
         for (name, mut l) in self.listeners.drain() {
-            l.accept.stop().await;
+            l.frontend.stop().await;
+            l.backends.stop().await;
             info!(listener = %name, "stopped accepting");
         }
         self.directory.store(Arc::default());
@@ -384,68 +310,5 @@ impl Server {
         self.ctx.abort.trip();
         tracker.wait().await;
         cut
-    }
-}
-
-fn spawn_acceptor(socket: TcpListener, route: &Arc<ArcSwap<Route>>, ctx: &ConnContext) -> Acceptor {
-    let stop = Tripwire::new();
-    let task = tokio::spawn(tcp::accept_loop(
-        socket,
-        route.clone(),
-        stop.clone(),
-        ctx.clone(),
-    ));
-    Acceptor { stop, task }
-}
-
-/// One probe task per backend of the route, their first probes spread.
-fn spawn_probes(route: &Route, refresh: &Arc<Notify>) -> Vec<JoinHandle<()>> {
-    let config = &route.config;
-    let count = route.pool.backends.len();
-    route
-        .pool
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, backend)| {
-            let ctx = ProbeContext {
-                listener: config.name.clone(),
-                settings: config.health_check,
-                on_marked_down: config.on_marked_down,
-                first_delay: health::first_delay(i, count, config.health_check.interval),
-            };
-            let refresh = refresh.clone();
-            tokio::spawn(health::run(backend.clone(), ctx, move || {
-                refresh.notify_one()
-            }))
-        })
-        .collect()
-}
-
-/// Rebuild the listener's pool whenever health changes. Flips that arrive
-/// during a rebuild coalesce into one more rebuild.
-async fn refresher(route: Arc<ArcSwap<Route>>, refresh: Arc<Notify>) {
-    loop {
-        refresh.notified().await;
-        rebuild(&route).await;
-    }
-}
-
-/// Re-schedule a listener's pool for its backends' current health and admin
-/// state, and publish it. A route replaced meanwhile (reload) is rebuilt
-/// again rather than overwritten.
-pub async fn rebuild(route: &ArcSwap<Route>) {
-    loop {
-        let current = route.load_full();
-        let from = current.clone();
-        // Large source-hash pools take milliseconds to rebuild: keep that off
-        // the threads that serve connections.
-        let Ok(next) = tokio::task::spawn_blocking(move || from.rebuilt()).await else {
-            return;
-        };
-        let previous = route.compare_and_swap(&current, Arc::new(next));
-        if Arc::ptr_eq(&*previous, &current) {
-            return;
-        }
     }
 }

@@ -9,6 +9,11 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use crate::config::Keepalive;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+/// Pause after an accept error such as EMFILE: the error persists until some
+/// connection closes, and retrying at once would spin a core. HAProxy and
+/// nginx back off similarly.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accept backlog. Linux's default `net.core.somaxconn` since 5.4; the kernel
 /// caps it at that sysctl anyway. HAProxy sizes its backlog the same way.
 pub const LISTEN_BACKLOG: i32 = 4096;

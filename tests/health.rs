@@ -35,7 +35,10 @@ async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
     .await;
     let proxy = server.local_addr("l").unwrap();
     let state = server.backend_state("l", "b").unwrap();
-    wait_for("first probe of b", || state.checks().0 >= 1).await;
+    wait_for("first probe of b", || {
+        server.checks("l", "b").unwrap().0 >= 1
+    })
+    .await;
 
     let b_addr = b_.addr;
     let killed = Instant::now();
@@ -46,7 +49,10 @@ async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
         took <= DETECTION + SLACK,
         "marked down after {took:?}, bound {DETECTION:?} + {SLACK:?}"
     );
-    assert!(state.checks().1 >= 3, "`fall` failures before the flip");
+    assert!(
+        server.checks("l", "b").unwrap().1 >= 3,
+        "`fall` failures before the flip"
+    );
 
     // Down: out of rotation, no new connection is even attempted on b.
     wait_for_rotation(&server, &["a", "c"]).await;
@@ -57,10 +63,17 @@ async fn dead_backend_is_marked_down_in_time_and_returns_after_rise() {
 
     // Back: after `rise` successes it takes its share again.
     let b_again = NamedBackend::start_on(b_addr, "b").await;
-    let failed = state.checks().1;
+    let failed = server.checks("l", "b").unwrap().1;
     wait_for("b marked up", || state.is_up()).await;
-    assert!(state.checks().0 >= 2, "rise = 2 successes");
-    assert_eq!(state.checks().1, failed, "no failure after the restart");
+    assert!(
+        server.checks("l", "b").unwrap().0 >= 2,
+        "rise = 2 successes"
+    );
+    assert_eq!(
+        server.checks("l", "b").unwrap().1,
+        failed,
+        "no failure after the restart"
+    );
     wait_for_rotation(&server, &["a", "b", "c"]).await;
     let counts = spread(proxy, 30).await;
     assert_eq!(
@@ -97,13 +110,15 @@ async fn hanging_backend_goes_down_while_others_keep_their_cadence() {
     .await;
     let proxy = server.local_addr("l").unwrap();
     let hole_state = server.backend_state("l", "hole").unwrap();
-    let good_state = server.backend_state("l", "good").unwrap();
     let start = Instant::now();
     wait_for("hanging backend marked down", || !hole_state.is_up()).await;
     // Let several more hanging probes time out, then compare cadences.
-    wait_for("four more timed-out probes", || hole_state.checks().1 >= 5).await;
+    wait_for("four more timed-out probes", || {
+        server.checks("l", "hole").unwrap().1 >= 5
+    })
+    .await;
     let elapsed = start.elapsed();
-    let (good_ok, good_failed) = good_state.checks();
+    let (good_ok, good_failed) = server.checks("l", "good").unwrap();
     assert_eq!(good_failed, 0);
     // One probe per 300 ms from the start, whatever the hanging one does.
     let expected = (elapsed.as_millis() / 300) as u64;
@@ -112,7 +127,7 @@ async fn hanging_backend_goes_down_while_others_keep_their_cadence() {
         "good probed {good_ok} times in {elapsed:?} (expected about {expected})"
     );
     // Each hanging probe costs its full timeout: at most one per interval.
-    assert!(hole_state.checks().1 <= expected + 1);
+    assert!(server.checks("l", "hole").unwrap().1 <= expected + 1);
     let counts = spread(proxy, 10).await;
     assert_eq!(counts["good"], 10);
 }
@@ -130,8 +145,7 @@ async fn retries_hide_a_dead_backend_that_checks_have_not_caught() {
     .await;
     let proxy = server.local_addr("l").unwrap();
     for name in ["a", "dead", "c"] {
-        let s = server.backend_state("l", name).unwrap();
-        wait_for("first probe", || s.checks().0 == 1).await;
+        wait_for("first probe", || server.checks("l", name).unwrap().0 == 1).await;
     }
     drop(d);
     let dead = server.backend_state("l", "dead").unwrap();

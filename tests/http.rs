@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use switchyard::proxy::http::cookie_id;
+use switchyard::proxy::lbcookie::cookie_id;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::block_in_place;
 
@@ -402,7 +402,10 @@ async fn no_backend_is_503_and_failed_connects_are_502_both_counted() {
     );
     let server = start_server(&toml).await;
     let state = server.backend_state("l", "flaky").unwrap();
-    wait_for("first probe passed", || state.checks().0 == 1).await;
+    wait_for("first probe passed", || {
+        server.checks("l", "flaky").unwrap().0 == 1
+    })
+    .await;
     drop(up);
     let mut c = HttpClient::connect(server.local_addr("l").unwrap()).await;
     let r = c.get("/", &[]).await;

@@ -37,7 +37,7 @@ async fn allow_list_closes_others_before_contacting_a_backend() {
     .await;
     let proxy = server.local_addr("l").unwrap();
     let state = server.backend_state("l", "db").unwrap();
-    wait_for("first probe", || state.checks().0 == 1).await;
+    wait_for("first probe", || server.checks("l", "db").unwrap().0 == 1).await;
 
     let allowed = connect_named_from(proxy, Some(IpAddr::from([127, 0, 0, 2]))).await;
     assert_eq!(allowed.backend, "db");
@@ -82,8 +82,7 @@ async fn backend_cap_queues_the_rest_in_order() {
     toml += "max_connections = 5\n";
     let server = start_server(&toml).await;
     let proxy = server.local_addr("l").unwrap();
-    let state = server.backend_state("l", "db").unwrap();
-    wait_for("first probe", || state.checks().0 == 1).await;
+    wait_for("first probe", || server.checks("l", "db").unwrap().0 == 1).await;
     wait_for("probe closed", || nb.open() == 0).await;
 
     // Five get through at once.

@@ -24,7 +24,7 @@ pub use leastconn::LeastConn;
 pub use roundrobin::RoundRobin;
 pub use source::SourceHash;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Via};
 use crate::config::Algorithm;
 
 /// One scheduling algorithm, built over a fixed set of eligible backends.
@@ -80,12 +80,13 @@ pub struct Pool {
 
 impl Pool {
     /// Build a pool whose scheduler considers only backends that can take new
-    /// connections now: usable ones (weight above zero, up), and among those
-    /// the non-backup ones, or the backups while no non-backup one is usable.
+    /// connections now: those the scheduler may offer ([`Via::Scheduler`]),
+    /// and among those the non-backup ones, or the backups while no
+    /// non-backup one is.
     pub fn new(algorithm: Algorithm, backends: Vec<Arc<Backend>>) -> Pool {
         let usable = |backup: bool| -> Vec<usize> {
             (0..backends.len())
-                .filter(|&i| backends[i].backup == backup && backends[i].usable())
+                .filter(|&i| backends[i].backup == backup && backends[i].admits(Via::Scheduler))
                 .collect()
         };
         let mut eligible = usable(false);

@@ -1,71 +1,239 @@
 //! The data path: accept → pick a backend → connect (with retry) → relay.
+//!
+//! A listener publishes its current [`Route`] — settings, the pool, lbCookie
+//! ids — with `ArcSwap`. A connection reads it while it is being placed
+//! (allow-list, scheduling, queue, connect) and then lets it go: for the
+//! rest of its life it holds only its backend's live state (through its
+//! [`queue::Slot`]), its stop signals and the few settings it reads, so a
+//! database session that lasts for days pins nothing of the pools that
+//! reloads, health flips and discovery build meanwhile.
 
+pub mod accept;
+pub mod connect;
 pub mod http;
+pub mod lbcookie;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod relay;
 pub mod tcp;
-pub mod tripwire;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Backend;
 use crate::balancer::Pool;
-use crate::config::ListenerConfig;
+use crate::config::{
+    Algorithm, Keepalive, ListenerConfig, Mode, OnMarkedDown, ProxyProtocol, Sticky,
+};
 use crate::metrics::ListenerMetrics;
+use crate::sync::Tripwire;
 
-/// Everything a listener needs to serve one new connection: its settings and
-/// the current pool. Published with `ArcSwap`; each connection takes the
-/// snapshot current at its accept and keeps it to its end.
+/// A listener's settings as its connections read them: copied from its
+/// config, so holding them pins no backend list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub name: Arc<str>,
+    pub mode: Mode,
+    pub algorithm: Algorithm,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Further backends to try after a failed connect.
+    pub retries: u32,
+    /// Client sources allowed; `None` = everyone.
+    pub allow: Option<Vec<ipnet::IpNet>>,
+    /// Open client connections at most; beyond it accepting pauses.
+    pub max_connections: Option<u32>,
+    pub queue_timeout: Duration,
+    pub proxy_protocol: ProxyProtocol,
+    pub keepalive: Option<Keepalive>,
+    pub on_marked_down: OnMarkedDown,
+    /// HTTP mode: time allowed for a request's headers.
+    pub header_timeout: Duration,
+    /// HTTP mode: lbCookie stickiness.
+    pub sticky: Option<Sticky>,
+}
+
+impl Settings {
+    pub fn of(c: &ListenerConfig) -> Settings {
+        Settings {
+            name: c.name.clone(),
+            mode: c.mode,
+            algorithm: c.algorithm,
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout,
+            retries: c.retries,
+            allow: c.allow.clone(),
+            max_connections: c.max_connections,
+            queue_timeout: c.queue_timeout,
+            proxy_protocol: c.proxy_protocol,
+            keepalive: c.keepalive,
+            on_marked_down: c.on_marked_down,
+            header_timeout: c.header_timeout,
+            sticky: c.sticky.clone(),
+        }
+    }
+}
+
+/// What a listener's connections share whatever its config and pool: one
+/// value for the listener's life, kept across reloads.
+#[derive(Debug)]
+pub struct Shared {
+    /// The waiting room for capped backends.
+    pub queue: Arc<queue::Queue>,
+    /// Open client connections, held against `max_connections`.
+    pub open: Arc<queue::OpenCount>,
+    /// One set of metric handles, so a route of an older config cannot
+    /// drop series the new one uses.
+    pub metrics: ListenerMetrics,
+    /// HTTP mode: idle keep-alive connections to backends.
+    pub idle: http::pool::IdlePool,
+}
+
+impl Shared {
+    pub fn new(metrics: ListenerMetrics) -> Shared {
+        Shared {
+            queue: Arc::default(),
+            open: Arc::default(),
+            metrics,
+            idle: Default::default(),
+        }
+    }
+}
+
+/// Everything a listener needs to place one new connection: its settings
+/// and the current pool. Published with `ArcSwap` by the listener's
+/// backend-set owner; read, never kept, by connections.
 #[derive(Debug)]
 pub struct Route {
-    pub config: Arc<ListenerConfig>,
+    pub settings: Arc<Settings>,
+    pub shared: Arc<Shared>,
     pub pool: Pool,
-    pub metrics: ListenerMetrics,
     /// HTTP mode with lbCookie: cookie value → index in `pool.backends`;
-    /// empty for other listeners. Shared by rebuilt routes.
+    /// empty for other listeners. Shared by routes over the same backends.
     pub cookie_ids: Arc<hashbrown::HashMap<String, usize>>,
-    /// The listener's queue for capped backends (kept across reloads).
-    pub queue: Arc<queue::Queue>,
-    /// The listener's open client connections (kept across reloads).
-    pub open: Arc<queue::OpenCount>,
 }
 
 impl Route {
-    pub fn new(
-        config: Arc<ListenerConfig>,
-        backends: Vec<Arc<crate::backend::Backend>>,
-        metrics: ListenerMetrics,
-        queue: Arc<queue::Queue>,
-        open: Arc<queue::OpenCount>,
-    ) -> Route {
-        let cookie_ids = match &config.sticky {
+    /// A route over `backends` (in config order).
+    pub fn new(settings: Arc<Settings>, shared: Arc<Shared>, backends: Vec<Arc<Backend>>) -> Route {
+        let cookie_ids = match &settings.sticky {
             Some(_) => backends
                 .iter()
                 .enumerate()
-                .map(|(i, b)| (http::cookie_id(&config.name, &b.name), i))
+                .map(|(i, b)| (lbcookie::cookie_id(&settings.name, &b.name), i))
                 .collect(),
             None => Default::default(),
         };
         Route {
-            pool: Pool::new(config.algorithm, backends),
-            config,
-            metrics,
+            pool: Pool::new(settings.algorithm, backends),
+            settings,
+            shared,
             cookie_ids: Arc::new(cookie_ids),
-            queue,
-            open,
         }
     }
 
-    /// The same listener and backends, re-scheduled for their current
-    /// health (after a backend went up or down).
+    /// The same settings and backends, re-scheduled for their current
+    /// health and admin state.
     pub fn rebuilt(&self) -> Route {
         Route {
-            pool: Pool::new(self.config.algorithm, self.pool.backends.clone()),
-            config: self.config.clone(),
-            metrics: self.metrics.clone(),
+            pool: Pool::new(self.settings.algorithm, self.pool.backends.clone()),
+            settings: self.settings.clone(),
+            shared: self.shared.clone(),
             cookie_ids: self.cookie_ids.clone(),
-            queue: self.queue.clone(),
-            open: self.open.clone(),
         }
+    }
+
+    /// The backend an lbCookie value names.
+    pub fn cookie_backend(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.cookie_ids.get(id).map(|&i| &self.pool.backends[i])
+    }
+}
+
+/// What every connection task of the server shares.
+#[derive(Clone, Debug)]
+pub struct ConnContext {
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Tripped when shutdown begins: keep-alive HTTP connections finish
+    /// their request in progress and close.
+    pub draining: Tripwire,
+    /// Tripped when open connections must be cut (end of shutdown grace).
+    pub abort: Tripwire,
+}
+
+impl Default for ConnContext {
+    fn default() -> Self {
+        ConnContext {
+            tracker: TaskTracker::new(),
+            draining: Tripwire::new(),
+            abort: Tripwire::new(),
+        }
+    }
+}
+
+/// A listener's socket, bound and not yet serving: one variant per kind of
+/// socket. tcp and http listeners share the TCP accept loop.
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(TcpListener),
+}
+
+impl Bound {
+    /// Bind the socket a listener's config asks for.
+    pub fn bind(config: &ListenerConfig) -> std::io::Result<Bound> {
+        crate::sockets::bind_listener(config.bind, config.freebind).map(Bound::Tcp)
+    }
+
+    /// The address actually bound (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr(),
+        }
+    }
+
+    /// Start serving with the listener's route.
+    pub fn serve(self, route: Arc<arc_swap::ArcSwap<Route>>, ctx: &ConnContext) -> Frontend {
+        let stop = Tripwire::new();
+        let local_addr = self.local_addr().ok();
+        let task = match self {
+            Bound::Tcp(l) => tokio::spawn(accept::accept_loop(l, route, stop.clone(), ctx.clone())),
+        };
+        Frontend {
+            local_addr,
+            stop,
+            task,
+        }
+    }
+}
+
+/// A listener's socket and the task that serves it.
+#[derive(Debug)]
+pub struct Frontend {
+    pub local_addr: Option<SocketAddr>,
+    stop: Tripwire,
+    task: JoinHandle<()>,
+}
+
+impl Frontend {
+    /// Stop accepting now, without waiting.
+    pub fn trip(&self) {
+        self.stop.trip();
+    }
+
+    /// Stop accepting and wait until the socket is closed.
+    pub async fn stop(&mut self) {
+        self.stop.trip();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Frontend {
+    fn drop(&mut self) {
+        self.stop.trip();
     }
 }

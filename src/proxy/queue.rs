@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::{ActiveGuard, AdminState, Backend};
+use crate::backend::{ActiveGuard, Backend, Via};
 
 /// A listener's waiting room; shared by its routes across reloads.
 #[derive(Debug, Default)]
@@ -139,10 +139,17 @@ impl<'a, I: Iterator<Item = &'a Arc<Backend>>> Picker<I> {
         }
     }
 
+    /// The candidates still to be offered.
+    pub fn candidates_mut(&mut self) -> &mut I {
+        &mut self.candidates
+    }
+
     /// The next candidate with a free slot.
     pub fn pick(&mut self, queue: &Arc<Queue>) -> Result<(Arc<Backend>, Slot), Busy> {
-        self.capped
-            .retain(|b| b.state.is_up() && b.state.admin_state() != AdminState::Maint);
+        // The selection may be older than the backend's state (the
+        // connection waited in the queue): never onto one that went down
+        // or into maintenance meanwhile.
+        self.capped.retain(|b| b.admits(Via::Pinned));
         if let Some((i, slot)) = self
             .capped
             .iter()
@@ -152,10 +159,7 @@ impl<'a, I: Iterator<Item = &'a Arc<Backend>>> Picker<I> {
             return Ok((self.capped.remove(i), slot));
         }
         for backend in self.candidates.by_ref() {
-            // The selection may be older than the backend's state (the
-            // connection waited in the queue): never onto one that went
-            // down or into maintenance meanwhile.
-            if !backend.state.is_up() || backend.state.admin_state() == AdminState::Maint {
+            if !backend.admits(Via::Pinned) {
                 continue;
             }
             match queue.try_slot(backend) {

@@ -3,9 +3,11 @@
 //! Client connections are served by hyper's HTTP/1.1 server (keep-alive,
 //! pipelined requests answered in order, bodies streamed in both directions,
 //! never buffered whole). Each request reads the listener's *current* route,
-//! so a reload applies to keep-alive clients at their next request.
+//! so a reload applies to keep-alive clients at their next request; a client
+//! connection holds the listener's route cell, never a snapshot.
 //!
-//! lbCookie behaves like HAProxy's `cookie NAME insert indirect nocache`:
+//! lbCookie ([`super::lbcookie`]) behaves like HAProxy's `cookie NAME insert
+//! indirect nocache`:
 //! - a request without a valid cookie is scheduled by the algorithm; the
 //!   response gets `Set-Cookie: NAME=<id>; Path=/; HttpOnly` (plus
 //!   `Max-Age`) and `Cache-Control: no-cache="set-cookie"`;
@@ -16,26 +18,24 @@
 //! - the balancer's own cookie is removed from the forwarded request; other
 //!   cookies pass byte for byte.
 //!
-//! `<id>` is a hash of the listener and backend names: opaque (no address or
-//! index), the same after a restart and on both members of an HA pair.
-//!
-//! Backend connections are kept alive in a small per-backend pool. A request
-//! only leaves for a backend once a connection to it is established, so a
-//! failed connect is retried on the next candidate with the request intact
-//! (502 only when every attempt failed; 503 when there is no candidate).
-//! Connection upgrades (WebSocket) get a dedicated backend connection and
-//! are then relayed as a byte stream.
+//! Backend connections are kept alive in the listener's idle pool
+//! ([`pool`]). A request only leaves for a backend once a connection to it
+//! is established, so a failed connect is retried on the next candidate with
+//! the request intact (502 only when every attempt failed; 503 when there is
+//! no candidate) — the same connect-with-retry loop as tcp mode
+//! ([`super::connect`]). Connection upgrades (WebSocket) get a dedicated
+//! backend connection and are then relayed as a byte stream.
+
+pub mod pool;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -47,20 +47,16 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Route;
-use super::queue::{Busy, Open, Picker, Slot};
-use super::tcp::ConnContext;
-use super::tripwire::Tripwire;
-use crate::backend::{AdminState, Backend, BackendState};
-use crate::balancer::hash_bytes;
-use crate::config::OnMarkedDown;
+use super::connect::{self, Reached, Unserved};
+use super::queue::{Open, Slot};
+use super::{ConnContext, Route, Settings, Shared, lbcookie};
+use crate::backend::{Backend, Via};
+use crate::config::Sticky;
 use crate::metrics::Reject;
 use crate::sockets;
-
-/// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-type Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
+use crate::sync::{self, Tripwire};
+pub use pool::ProxyBody;
+use pool::Sender;
 
 /// Largest request head (request line and headers) accepted; larger ones
 /// get 431. Matches common server limits (nginx's 4 × 8 KiB buffers).
@@ -68,69 +64,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Most headers in one request, as in hyper's own default.
 pub const MAX_HEADERS: usize = 100;
-
-/// Idle keep-alive connections kept per backend. Enough for bursts at a few
-/// thousand requests per second; idle ones cost the backend a socket each.
-const POOL_MAX_IDLE: usize = 64;
-
-/// Idle backend connections older than this are not reused: many servers
-/// close idle keep-alive connections after 5–75 s (Apache 5 s, nginx 75 s),
-/// and a connection closed under a request costs that request.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// The lbCookie value for a backend: 16 hex digits of a stable hash.
-pub fn cookie_id(listener: &str, backend: &str) -> String {
-    let mut key = Vec::with_capacity(listener.len() + backend.len() + 1);
-    key.extend_from_slice(listener.as_bytes());
-    key.push(0);
-    key.extend_from_slice(backend.as_bytes());
-    format!("{:016x}", hash_bytes(&key))
-}
-
-/// Idle backend connections of one backend.
-#[derive(Debug, Default)]
-pub struct ConnPool {
-    idle: std::sync::Mutex<Vec<Idle>>,
-}
-
-#[derive(Debug)]
-struct Idle {
-    addr: SocketAddr,
-    since: Instant,
-    sender: Sender,
-}
-
-impl ConnPool {
-    /// A ready connection to `addr`, if one is idle.
-    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(conn) = idle.pop() {
-            if conn.addr == addr
-                && conn.since.elapsed() < POOL_IDLE_TIMEOUT
-                && conn.sender.is_ready()
-            {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, addr: SocketAddr, sender: Sender) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < POOL_MAX_IDLE {
-            idle.push(Idle {
-                addr,
-                since: Instant::now(),
-                sender,
-            });
-        }
-    }
-
-    /// Close every idle connection (the backend went down).
-    pub fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-}
 
 /// Serve one client connection in HTTP mode.
 pub async fn serve(
@@ -140,13 +73,13 @@ pub async fn serve(
     ctx: ConnContext,
     _open: Open,
 ) {
-    sockets::tune_stream(&client, route.load().config.keepalive);
     let started = Instant::now();
     let (header_timeout, duration) = {
         let r = route.load();
+        sockets::tune_stream(&client, r.settings.keepalive);
         (
-            r.config.header_timeout,
-            r.metrics.connection_duration.clone(),
+            r.settings.header_timeout,
+            r.shared.metrics.connection_duration.clone(),
         )
     };
     let shared = Arc::new(ctx.clone());
@@ -189,17 +122,17 @@ async fn handle(
     ctx: &ConnContext,
 ) -> Response<ProxyBody> {
     let route = route.load_full();
+    let (settings, shared) = (&route.settings, &route.shared);
 
-    // lbCookie: which backend does the request ask for, if any usable?
-    let sticky = route.config.sticky.as_ref();
+    // lbCookie: which backend does the request ask for, if it may go there?
+    let sticky = settings.sticky.as_ref();
     let pinned = sticky.and_then(|s| {
-        let id = find_cookie(req.headers(), &s.cookie)?;
-        let i = route.cookie_index(&id)?;
-        let b = &route.pool.backends[i];
-        sticky_usable(&b.state).then(|| b.clone())
+        let id = lbcookie::find_cookie(req.headers(), &s.cookie)?;
+        let b = route.cookie_backend(&id)?;
+        b.admits(Via::Pinned).then(|| b.clone())
     });
     if let Some(s) = sticky {
-        strip_cookie(req.headers_mut(), &s.cookie);
+        lbcookie::strip_cookie(req.headers_mut(), &s.cookie);
     }
     let upgrade = wants_upgrade(req.headers());
     prepare_request(&mut req, peer.ip(), upgrade);
@@ -208,178 +141,134 @@ async fn handle(
     // Wrap the body: counted per backend once it is known.
     let (parts, body) = req.into_parts();
     let body_counter = CounterSlot::default();
-    let mut req = Request::from_parts(
+    let req = Request::from_parts(
         parts,
         Metered::new(body, body_counter.clone(), None).boxed(),
     );
 
-    let deadline = Instant::now() + route.config.queue_timeout;
-    let mut attempts = 1 + route.config.retries as usize;
-    let mut failed = false;
     // The cookie's backend alone first: a sticky request waits for its
     // backend below its cap rather than moving. Only if that backend cannot
-    // be reached does the scheduler's order take over; a retry takes the
-    // next candidate.
-    let mut scheduled = Some(
-        route
-            .pool
-            .candidates(peer.ip())
-            .filter(|b| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, b))),
-    );
-    type Candidates<'a> = Box<dyn Iterator<Item = &'a Arc<Backend>> + Send + 'a>;
-    let mut picker: Picker<Candidates<'_>> = match &pinned {
-        Some(p) => Picker::new(Box::new(std::iter::once(p))),
-        None => Picker::new(Box::new(scheduled.take().expect("not taken yet"))),
-    };
-    loop {
-        let pick = || picker.pick(&route.queue);
-        let (backend, slot) = match route.queue.acquire(deadline, pick).await {
-            Ok(taken) => taken,
-            Err(Busy::Capped) => {
-                route.metrics.reject(Reject::MaxConnections);
-                route.metrics.http_unrouted.count(503);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, "all backends busy");
-            }
-            Err(Busy::NoCandidate) if !failed => {
-                route.metrics.reject(Reject::NoBackend);
-                route.metrics.http_unrouted.count(503);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
-            }
-            Err(Busy::NoCandidate) => match scheduled.take() {
-                // The cookie's backend failed: redispatch.
-                Some(rest) => {
-                    picker = Picker::new(Box::new(rest));
-                    continue;
-                }
-                None => break,
-            },
-        };
+    // be reached does the scheduler's order take over.
+    let reached = connect::reach(&route, peer.ip(), pinned.as_ref(), req, |backend, req| {
         body_counter.set(backend.state.metrics.bytes_client_to_backend.clone());
-        let response = match forward(&backend, &route, req, upgrade).await {
-            Ok(r) => r,
-            Err(Forward::NotSent(r, e)) => {
-                backend.state.record_connect_error();
-                debug!(backend = %backend.name, error = %e, "backend connect failed");
-                req = *r;
-                failed = true;
-                attempts -= 1;
-                if attempts == 0 {
-                    break;
-                }
-                continue;
-            }
-            Err(Forward::Failed(e)) => {
-                debug!(backend = %backend.name, error = %e, "backend request failed");
-                backend.state.metrics.http().count(502);
-                return error_response(StatusCode::BAD_GATEWAY, "bad gateway");
-            }
-        };
-        let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
-        let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        backend
-            .state
-            .metrics
-            .http()
-            .count(response.status().as_u16());
-        let id = insert.map(|_| cookie_id(&route.config.name, &backend.name));
-        let cookie = insert.zip(id.as_deref());
-        if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
-            let mut response = finish_response(response, &backend, None, cookie);
-            let backend_upgrade = hyper::upgrade::on(&mut response);
-            // The tunnel is a connection of its own: it keeps the client
-            // counted and the backend slot, and shutdown and mark-down
-            // reach it.
-            let tunnel = Tunnel {
-                open: route.open.enter(),
-                slot,
-                abort: ctx.abort.clone(),
-                cut: (route.config.on_marked_down == OnMarkedDown::Shutdown)
-                    .then(|| backend.state.cut_signal()),
-            };
-            ctx.tracker
-                .spawn(tunnel.run(client_upgrade, backend_upgrade));
-            return response;
+        forward(backend, settings, shared, req, upgrade)
+    })
+    .await;
+    let Reached {
+        backend,
+        slot,
+        cut,
+        conn: sent,
+    } = match reached {
+        Ok(reached) => reached,
+        Err(Unserved::Capped) => {
+            shared.metrics.reject(Reject::MaxConnections);
+            shared.metrics.http_unrouted.count(503);
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "all backends busy");
         }
-        return finish_response(response, &backend, Some(slot), cookie);
+        Err(Unserved::NoBackend) => {
+            shared.metrics.reject(Reject::NoBackend);
+            shared.metrics.http_unrouted.count(503);
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
+        }
+        Err(Unserved::Unanswered) => {
+            shared.metrics.http_unrouted.count(502);
+            return error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered");
+        }
+    };
+    let response = match sent {
+        Ok(response) => response,
+        Err(e) => {
+            debug!(backend = %backend.name, error = %e, "backend request failed");
+            backend.state.metrics.http().count(502);
+            return error_response(StatusCode::BAD_GATEWAY, "bad gateway");
+        }
+    };
+    let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
+    let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    backend
+        .state
+        .metrics
+        .http()
+        .count(response.status().as_u16());
+    let id = insert.map(|_| lbcookie::cookie_id(&settings.name, &backend.name));
+    let cookie = insert.zip(id.as_deref());
+    if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
+        let mut response = finish_response(response, &backend, None, cookie);
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        // The tunnel is a connection of its own: it keeps the client
+        // counted and the backend slot, and shutdown and mark-down
+        // reach it.
+        let tunnel = Tunnel {
+            open: shared.open.enter(),
+            slot,
+            abort: ctx.abort.clone(),
+            cut,
+        };
+        ctx.tracker
+            .spawn(tunnel.run(client_upgrade, backend_upgrade));
+        return response;
     }
-    route.metrics.http_unrouted.count(502);
-    error_response(StatusCode::BAD_GATEWAY, "bad gateway: no backend answered")
+    finish_response(response, &backend, Some(slot), cookie)
 }
 
-/// A sticky cookie may keep a client on a backend that is up and not in
-/// maintenance (drained backends keep their sticky clients).
-fn sticky_usable(state: &BackendState) -> bool {
-    state.is_up() && state.admin_state() != AdminState::Maint
-}
-
-/// Why a request did not get a response from a backend.
-enum Forward {
-    /// No connection could be made: the request comes back untouched for
-    /// the next candidate.
-    NotSent(Box<Request<ProxyBody>>, std::io::Error),
-    /// Sent, then the backend failed: too late to try elsewhere.
-    Failed(hyper::Error),
-}
+/// What sending a request to one backend came to: `Err` with the request,
+/// untouched, when no connection could be made (the next candidate gets
+/// it); `Ok(Err)` when it was sent and the backend failed — too late to try
+/// elsewhere.
+type Sent = Result<Result<Response<Incoming>, hyper::Error>, (Request<ProxyBody>, std::io::Error)>;
 
 /// Send `req` to `backend` on a pooled keep-alive connection, or a new one.
 /// A pooled connection that turns out closed before the request left is
 /// replaced by a new connection once.
 async fn forward(
-    backend: &Arc<Backend>,
-    route: &Route,
+    backend: Arc<Backend>,
+    settings: &Settings,
+    shared: &Arc<Shared>,
     mut req: Request<ProxyBody>,
     upgrade: bool,
-) -> Result<Response<Incoming>, Forward> {
+) -> Sent {
     // Upgrades take a connection of their own: it never returns to the pool.
     let mut pooled = if upgrade {
         None
     } else {
-        backend.state.http_pool.checkout(backend.addr)
+        shared.idle.checkout(&backend)
     };
     loop {
         let reused = pooled.is_some();
         let mut sender = match pooled.take() {
             Some(s) => s,
-            None => match connect(backend, route).await {
+            None => match connect(&backend, settings).await {
                 Ok(s) => s,
-                Err(e) => return Err(Forward::NotSent(Box::new(req), e)),
+                Err(e) => return Err((req, e)),
             },
         };
         match sender.try_send_request(req).await {
             Ok(response) => {
                 if !upgrade {
-                    let backend = backend.clone();
+                    let shared = shared.clone();
                     tokio::spawn(async move {
                         // Ready again once the response body has been read.
                         if sender.ready().await.is_ok() {
-                            backend.state.http_pool.checkin(backend.addr, sender);
+                            shared.idle.checkin(&backend, sender);
                         }
                     });
                 }
-                return Ok(response);
+                return Ok(Ok(response));
             }
             Err(mut e) => match e.take_message() {
                 Some(back) if reused => req = back,
-                Some(back) => {
-                    return Err(Forward::NotSent(
-                        Box::new(back),
-                        std::io::Error::other(e.into_error()),
-                    ));
-                }
-                None => return Err(Forward::Failed(e.into_error())),
+                Some(back) => return Err((back, std::io::Error::other(e.into_error()))),
+                None => return Ok(Err(e.into_error())),
             },
         }
     }
 }
 
 /// A new keep-alive connection to `backend`.
-async fn connect(backend: &Backend, route: &Route) -> std::io::Result<Sender> {
-    let stream = sockets::connect(
-        backend.addr,
-        route.config.connect_timeout,
-        route.config.keepalive,
-    )
-    .await?;
+async fn connect(backend: &Backend, settings: &Settings) -> std::io::Result<Sender> {
+    let stream =
+        sockets::connect(backend.addr, settings.connect_timeout, settings.keepalive).await?;
     backend.state.record_established();
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -413,12 +302,6 @@ impl Tunnel {
         };
         let mut client = TokioIo::new(client);
         let mut backend = TokioIo::new(backend);
-        let cut = async {
-            match &self.cut {
-                Some(signal) => signal.tripped().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
@@ -427,68 +310,9 @@ impl Tunnel {
                 }
             }
             () = self.abort.tripped() => debug!("upgraded connection cut by shutdown"),
-            () = cut => debug!("upgraded connection cut: backend marked down"),
+            () = sync::tripped_or_never(self.cut.as_ref()) => debug!("upgraded connection cut: backend marked down"),
         }
         drop((self.open, self.slot));
-    }
-}
-
-impl Route {
-    /// Index of the backend an lbCookie value names.
-    fn cookie_index(&self, id: &str) -> Option<usize> {
-        self.cookie_ids.get(id).copied()
-    }
-}
-
-/// The value of cookie `name` in the request's Cookie headers, if any.
-fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(cookie::Cookie::split_parse)
-        .filter_map(Result::ok)
-        .find(|c| c.name() == name)
-        .map(|c| c.value().to_owned())
-}
-
-/// Remove cookie `name` from every Cookie header; other cookies are kept
-/// exactly as sent. A header left empty is removed.
-fn strip_cookie(headers: &mut HeaderMap, name: &str) {
-    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
-    if values.is_empty() {
-        return;
-    }
-    let is_ours = |pair: &str| pair.split_once('=').map_or(pair, |(n, _)| n).trim() == name;
-    let mut kept = Vec::with_capacity(values.len());
-    let mut changed = false;
-    for v in values {
-        let Ok(text) = v.to_str() else {
-            kept.push(v);
-            continue;
-        };
-        let pairs: Vec<&str> = text
-            .split(';')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .collect();
-        if !pairs.iter().any(|p| is_ours(p)) {
-            kept.push(v);
-            continue;
-        }
-        changed = true;
-        let rest: Vec<&str> = pairs.into_iter().filter(|p| !is_ours(p)).collect();
-        if !rest.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&rest.join("; "))
-        {
-            kept.push(v);
-        }
-    }
-    if changed {
-        headers.remove(header::COOKIE);
-        for v in kept {
-            headers.append(header::COOKIE, v);
-        }
     }
 }
 
@@ -590,25 +414,13 @@ fn finish_response(
     response: Response<Incoming>,
     backend: &Backend,
     slot: Option<Slot>,
-    insert: Option<(&crate::config::Sticky, &str)>,
+    insert: Option<(&Sticky, &str)>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if let Some((sticky, id)) = insert {
-        let mut c = cookie::Cookie::build((sticky.cookie.as_str(), id))
-            .path("/")
-            .http_only(true);
-        if let Some(age) = sticky.max_age {
-            c = c.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
-        }
-        if let Ok(v) = HeaderValue::from_str(&c.build().to_string()) {
-            parts.headers.append(header::SET_COOKIE, v);
-        }
-        parts.headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache=\"set-cookie\""),
-        );
+        lbcookie::insert(&mut parts.headers, sticky, id);
     }
     let counter = CounterSlot::default();
     counter.set(backend.state.metrics.bytes_backend_to_client.clone());
@@ -696,51 +508,6 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(cookies: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for c in cookies {
-            h.append(header::COOKIE, HeaderValue::from_str(c).unwrap());
-        }
-        h
-    }
-
-    fn cookies(h: &HeaderMap) -> Vec<&str> {
-        h.get_all(header::COOKIE)
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn cookie_ids_are_stable_opaque_and_distinct() {
-        assert_eq!(cookie_id("web", "web1"), cookie_id("web", "web1"));
-        assert_ne!(cookie_id("web", "web1"), cookie_id("web", "web2"));
-        assert_ne!(cookie_id("web", "web1"), cookie_id("api", "web1"));
-        assert_eq!(cookie_id("web", "web1").len(), 16);
-        // Pinned: an HA pair running two versions must agree.
-        assert_eq!(
-            cookie_id("web", "web1"),
-            format!("{:016x}", hash_bytes(b"web\0web1"))
-        );
-    }
-
-    #[test]
-    fn finds_the_cookie_among_several_headers() {
-        let h = headers(&["a=1; b=2", "SERVERID=abc; c=3"]);
-        assert_eq!(find_cookie(&h, "SERVERID").as_deref(), Some("abc"));
-        assert_eq!(find_cookie(&h, "zzz"), None);
-    }
-
-    #[test]
-    fn strips_only_our_cookie_and_keeps_the_rest_byte_for_byte() {
-        let mut h = headers(&["a=1;  b=\"x y\"", "SERVERID=abc; c=3", "SERVERID=def"]);
-        strip_cookie(&mut h, "SERVERID");
-        assert_eq!(cookies(&h), ["a=1;  b=\"x y\"", "c=3"]);
-        let mut h = headers(&["SERVERIDX=1; SERVERID=2"]);
-        strip_cookie(&mut h, "SERVERID");
-        assert_eq!(cookies(&h), ["SERVERIDX=1"]);
-    }
 
     #[test]
     fn hop_by_hop_headers_go_including_those_named_by_connection() {

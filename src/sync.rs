@@ -1,5 +1,7 @@
-//! A one-shot stop signal that a connection can watch for the price of an
-//! atomic load.
+//! Stop signals shared by the data path and the control plane.
+//!
+//! A [`Tripwire`] is a one-shot stop signal that a connection can watch for
+//! the price of an atomic load.
 //!
 //! Every wake-up of a connection task re-polls whatever it selects on. A
 //! `tokio_util::sync::CancellationToken` (or a waiting `Notified`) takes a
@@ -62,6 +64,16 @@ impl Tripwire {
             Poll::Pending
         })
         .await
+    }
+}
+
+/// Completes once `wire` trips; never, without one. The one wait for an
+/// optional cut signal (`on_marked_down = "shutdown"`) of every connection
+/// kind.
+pub async fn tripped_or_never(wire: Option<&Tripwire>) {
+    match wire {
+        Some(wire) => wire.tripped().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,288 @@
+//! Health checks: one probe task per backend, a [`Probe`] kind behind one
+//! interface, and the rise/fall machine ([`hysteresis`]) that turns results
+//! into up/down.
+//!
+//! Each backend has its own probe task on its own schedule, so a slow or
+//! hanging backend (bounded by `timeout`, which validation keeps at or below
+//! `interval`) never delays another's probes. First probes are spread over
+//! the start of the first interval so a large pool does not probe in one
+//! burst. The task keeps its hysteresis for its whole life; a reload that
+//! changes the listener's check settings hands them to the running task
+//! ([`ProbeHandle::update`]), so counters and verdicts carry over. A flip is
+//! logged and reported to the listener's backend-set owner, which records it
+//! in the backend's live state, cuts connections if so configured, and
+//! rebuilds the pool.
+//!
+//! A new probe kind is one file here with a type that implements [`Probe`],
+//! plus its arm in [`probe_for`] and its config fields.
+
+pub mod hysteresis;
+pub mod tcp;
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{info, warn};
+
+use crate::config::HealthCheck;
+use crate::metrics::CheckMetrics;
+pub use hysteresis::{Flip, Hysteresis};
+
+/// First probes of a pool are spread over at most this long (or the
+/// interval, if shorter): long enough to smooth a burst of 1000 connects,
+/// short enough that a fresh backend's health is known within a second.
+pub const FIRST_PROBE_SPREAD: Duration = Duration::from_secs(1);
+
+/// The future of one check.
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send + 'a>>;
+
+/// One kind of health check (`tcp`, …): what a single check of a backend
+/// does and what counts as success.
+pub trait Probe: Send + Sync + fmt::Debug {
+    /// Check the server at `addr` once. The probe task bounds the whole
+    /// exchange by the listener's `timeout`; a kind need not time itself.
+    fn check(&self, addr: SocketAddr) -> ProbeFuture<'_>;
+}
+
+/// Why a check failed, in one line (the server's own words where it gave
+/// any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure(pub String);
+
+impl Failure {
+    /// A socket error: the short name of its kind where it has one
+    /// ("connection refused"), else the error's own text.
+    pub fn io(e: &std::io::Error) -> Failure {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            kind @ (ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
+            | HostUnreachable | NetworkUnreachable | AddrNotAvailable) => Failure(kind.to_string()),
+            _ => Failure(e.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The probe kind a listener's settings ask for.
+pub fn probe_for(_settings: &HealthCheck) -> Arc<dyn Probe> {
+    Arc::new(tcp::TcpProbe)
+}
+
+/// What a probe task checks, and names in its log lines.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub listener: Arc<str>,
+    pub backend: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+/// A running probe task; stopped when dropped.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    settings: watch::Sender<HealthCheck>,
+    task: JoinHandle<()>,
+}
+
+impl ProbeHandle {
+    /// Hand the task new settings (a reload); it keeps its counters.
+    pub fn update(&self, settings: HealthCheck) {
+        self.settings.send_if_modified(|current| {
+            let changed = *current != settings;
+            *current = settings;
+            changed
+        });
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Start probing `target` after `first_delay`, then every `interval`;
+/// `report` is called on every flip.
+pub fn spawn(
+    target: Target,
+    settings: HealthCheck,
+    first_delay: Duration,
+    metrics: Arc<CheckMetrics>,
+    report: impl Fn(Flip) + Send + 'static,
+) -> ProbeHandle {
+    let (tx, rx) = watch::channel(settings);
+    let task = tokio::spawn(run(target, rx, first_delay, metrics, report));
+    ProbeHandle { settings: tx, task }
+}
+
+async fn run(
+    target: Target,
+    mut settings: watch::Receiver<HealthCheck>,
+    first_delay: Duration,
+    metrics: Arc<CheckMetrics>,
+    report: impl Fn(Flip),
+) {
+    let mut current = *settings.borrow_and_update();
+    let mut probe = probe_for(&current);
+    let mut hysteresis = Hysteresis::default();
+    let mut ticks = schedule(Instant::now() + first_delay, current.interval);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return; // the owner is gone
+                }
+                let next = *settings.borrow_and_update();
+                if next.interval != current.interval {
+                    ticks = schedule(Instant::now() + next.interval, next.interval);
+                }
+                current = next;
+                probe = probe_for(&current);
+                continue;
+            }
+        }
+        let started = Instant::now();
+        let result = match tokio::time::timeout(current.timeout, probe.check(target.addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure("timeout".into())),
+        };
+        metrics.record(result.is_ok(), started.elapsed());
+        let Some(flip) = hysteresis.observe(result.is_ok(), current.rise, current.fall) else {
+            continue;
+        };
+        let streak = hysteresis.streak();
+        match (flip, &result) {
+            (Flip::Down, Err(reason)) => {
+                warn!(listener = %target.listener, backend = %target.backend, address = %target.addr, %reason, failures = streak, "backend down");
+            }
+            _ => {
+                info!(listener = %target.listener, backend = %target.backend, address = %target.addr, successes = streak, "backend up");
+            }
+        }
+        report(flip);
+    }
+}
+
+/// Ticks from `start` every `every`; a probe that took long does not cause
+/// a burst of catch-up probes.
+fn schedule(start: Instant, every: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(start, every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticks
+}
+
+/// First-probe delay of backend `index` of `count`: spread evenly over
+/// [`FIRST_PROBE_SPREAD`] or the interval, whichever is shorter.
+pub fn first_delay(index: usize, count: usize, interval: Duration) -> Duration {
+    let spread = FIRST_PROBE_SPREAD.min(interval);
+    spread.mul_f64(index as f64 / count.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn first_probes_are_spread_within_the_interval() {
+        let interval = Duration::from_millis(400);
+        assert_eq!(first_delay(0, 4, interval), Duration::ZERO);
+        assert_eq!(first_delay(2, 4, interval), Duration::from_millis(200));
+        assert!(first_delay(999, 1000, Duration::from_secs(2)) < FIRST_PROBE_SPREAD);
+    }
+
+    #[test]
+    fn socket_errors_read_as_their_kind() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Failure::io(&refused).to_string(), "connection refused");
+        let other = std::io::Error::other("boom");
+        assert_eq!(Failure::io(&other).to_string(), "boom");
+    }
+
+    fn settings(interval_ms: u64) -> HealthCheck {
+        HealthCheck {
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(interval_ms.min(1000)),
+            fall: 3,
+            rise: 2,
+        }
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(600), "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The probe loop with tokio's clock paused: a healthy backend that
+    /// stops accepting is reported down on exactly the `fall`th failure,
+    /// once.
+    #[tokio::test(start_paused = true)]
+    async fn probe_loop_reports_down_on_the_fall_th_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(CheckMetrics::detached());
+        let flips = Arc::new(Mutex::new(Vec::new()));
+        let f = flips.clone();
+        let target = Target {
+            listener: "l".into(),
+            backend: "b".into(),
+            addr,
+        };
+        let handle = spawn(
+            target,
+            settings(2000),
+            Duration::ZERO,
+            metrics.clone(),
+            move |flip| f.lock().unwrap().push(flip),
+        );
+        until("first success", || metrics.ok.get() >= 1).await;
+        drop(listener); // refuses from now on
+        until("two failures", || metrics.failed.get() >= 2).await;
+        assert!(
+            flips.lock().unwrap().is_empty(),
+            "still up after 2 failures"
+        );
+        until("three failures", || metrics.failed.get() >= 3).await;
+        assert_eq!(*flips.lock().unwrap(), [Flip::Down]);
+        drop(handle);
+    }
+
+    /// New settings reach the running task: a shorter interval takes
+    /// effect at once, without a restart (the counters carry on).
+    #[tokio::test(start_paused = true)]
+    async fn new_settings_reach_the_running_task() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = Target {
+            listener: "l".into(),
+            backend: "b".into(),
+            addr: listener.local_addr().unwrap(),
+        };
+        let metrics = Arc::new(CheckMetrics::detached());
+        let handle = spawn(
+            target,
+            settings(3_600_000),
+            Duration::ZERO,
+            metrics.clone(),
+            |_| {},
+        );
+        until("first probe", || metrics.ok.get() == 1).await;
+        handle.update(settings(100));
+        until("probes at the new interval", || metrics.ok.get() >= 5).await;
+        assert_eq!(metrics.failed.get(), 0);
+    }
+}
