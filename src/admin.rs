@@ -82,7 +82,6 @@ impl AdminContext {
 /// A running admin server.
 #[derive(Debug)]
 pub struct AdminServer {
-    local_addr: SocketAddr,
     stop: Tripwire,
     task: JoinHandle<()>,
 }
@@ -95,15 +94,7 @@ impl AdminServer {
         let stop = Tripwire::new();
         let task = tokio::spawn(serve(listener, ctx, stop.clone()));
         info!(addr = %local_addr, "admin listening");
-        Ok(AdminServer {
-            local_addr,
-            stop,
-            task,
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        Ok(AdminServer { stop, task })
     }
 
     /// Stop accepting; requests in progress finish on their own.

@@ -3,12 +3,12 @@
 //! A [`Backend`] is one `[[listener.backend]]` as the current config describes
 //! it (name, address, weight). Its [`BackendState`] — health verdict, admin
 //! state, active connections, totals — lives in an `Arc` that the registry
-//! ([`crate::registry`]) keys by (listener, backend name), so a reload that
+//! (`registry`) keys by (listener, backend name), so a reload that
 //! keeps the backend hands the new pool the very same counters, and a
 //! connection holds this and nothing of the pool it was scheduled from.
 //! Everything on the connection path is an atomic: no locks.
 //!
-//! This module decides nothing about health (that is [`crate::health`]),
+//! This module decides nothing about health (that is `health`),
 //! HTTP (the keep-alive pool belongs to HTTP mode) or metric registration
 //! (it is handed its metric handles): it is a leaf that everything else can
 //! depend on.

@@ -1,7 +1,7 @@
 //! One owner per listener for its backend set.
 //!
 //! Every change to which backends a listener has, and which of them may take
-//! new connections, is sent as an [`Update`] to the listener's owner task: a
+//! new connections, is sent as an update to the listener's owner task: a
 //! reload's new config, a health flip from a probe, an operator's admin
 //! state. The owner alone applies them to the members' live state, starts
 //! and stops their probes, rebuilds the listener's [`Route`] and publishes

@@ -10,49 +10,60 @@
 //! # Layout
 //!
 //! Data path (per connection, lock-free):
-//! - [`proxy`] — accept, pick a backend, connect with retry, relay bytes:
-//!   [`proxy::tcp`] (accept loop, allow-list, a TCP connection's life),
-//!   [`proxy::relay`] (the copy loop: pooled buffers, half-close, idle
-//!   timeout), [`proxy::http`] (HTTP mode, lbCookie, backend connection
-//!   pool), [`proxy::queue`] (per-backend caps and the fair queue),
-//!   [`proxy::proxy_protocol`] (PROXY v1/v2 headers), [`proxy::tripwire`]
-//!   (stop signals read with an atomic load).
-//! - [`balancer`] — the [`balancer::Scheduler`] trait and its algorithms
+//! - `proxy` — accept, pick a backend, connect with retry, relay bytes.
+//!   `proxy::Route` is what a listener publishes for new connections
+//!   (settings, pool, lbCookie ids); `proxy::Bound`/`proxy::Frontend`
+//!   are a listener's socket and its serving task, one variant per kind.
+//!   `proxy::accept` (the TCP accept loop: allow-list, listener cap),
+//!   `proxy::tcp` (a TCP connection's life), `proxy::connect` (the
+//!   connect-with-retry loop both modes share), `proxy::relay` (the copy
+//!   loop: pooled buffers, half-close, idle timeout), `proxy::http`
+//!   (HTTP mode; `proxy::http::pool` its backend keep-alive pool),
+//!   `proxy::lbcookie` (the cookie: id, find, strip, insert),
+//!   `proxy::queue` (per-backend caps and the fair queue),
+//!   `proxy::proxy_protocol` (PROXY v1/v2 headers).
+//! - `balancer` — the `balancer::Scheduler` trait and its algorithms
 //!   (`roundrobin`, `leastconn`, `source`), built into an immutable
-//!   [`balancer::Pool`] snapshot.
-//! - [`backend`] — backend identity and live state (atomic counters) that
-//!   outlives snapshots, keyed by (listener, backend).
+//!   `balancer::Pool`.
+//! - `backend` — a backend's config and live state (atomics: health
+//!   verdict, admin state, counters), and the one eligibility rule. A leaf:
+//!   it knows nothing of health checks, HTTP or metric registration.
+//! - `sync` — stop signals read with an atomic load (`sync::Tripwire`).
 //!
 //! Control plane:
-//! - [`admin`] — the admin endpoint (hyper): `/metrics`, `/healthz`,
+//! - `backend_set` — the one owner of each listener's backend set: takes
+//!   reloads, health flips and admin changes, runs the probes, rebuilds and
+//!   publishes the route.
+//! - `registry` — live state keyed by (listener, backend) across reloads.
+//! - `health` — probe tasks, probe kinds behind `health::Probe`
+//!   (`health::tcp`), and the rise/fall machine (`health::hysteresis`).
+//! - `admin` — the admin endpoint (hyper): `/metrics`, `/healthz`,
 //!   `/readyz`, `/api/v1/status`, and runtime drain/maint.
-//! - [`config`] — serde types, defaults and validation with file/line/field
+//! - `config` — serde types, defaults and validation with file/line/field
 //!   errors.
-//! - [`health`] — TCP probes per backend and the rise/fall state machine;
-//!   a flip rebuilds the listener's pool.
-//! - [`metrics`] — every Prometheus metric, defined once; handles resolved
+//! - `metrics` — every Prometheus metric, defined once; handles resolved
 //!   ahead so the data path updates them with one atomic operation.
-//! - [`reload`] — the difference between two configs as typed changes.
-//! - [`server`] — binds listeners, builds and publishes routes, applies a
-//!   reload (bind first, then swap), shuts down gracefully.
-//! - [`daemon`] — the `run` command: config, server, signals.
-//! - [`service`] — systemd: sd_notify readiness/reload/stop, watchdog.
-//! - [`watch`] — `--watch`: reload when the config file changes.
-//! - [`sockets`] — every socket option in one place (socket2).
+//! - `reload` — the difference between two configs as typed changes.
+//! - `server` — binds listeners, hands each owner its config, applies a
+//!   reload (bind first, then reconfigure), shuts down gracefully.
+//! - `daemon` — the `run` command: config, server, signals.
+//! - `service` — systemd: sd_notify readiness/reload/stop, watchdog.
+//! - `watch` — `--watch`: reload when the config file changes.
+//! - `sockets` — every socket option in one place (socket2).
 
-pub mod admin;
+mod admin;
 pub mod backend;
-pub mod backend_set;
+mod backend_set;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
-pub mod health;
-pub mod metrics;
+mod health;
+mod metrics;
 pub mod proxy;
-pub mod registry;
-pub mod reload;
+mod registry;
+mod reload;
 pub mod server;
-pub mod service;
-pub mod sockets;
-pub mod sync;
-pub mod watch;
+mod service;
+mod sockets;
+mod sync;
+mod watch;

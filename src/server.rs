@@ -2,8 +2,8 @@
 //! state.
 //!
 //! [`Server`] holds per listener its [`Frontend`] (the socket and the task
-//! that serves it) and its [`BackendSet`] (the one owner of its backends,
-//! which publishes the route connections read), plus the [`Registry`] of
+//! that serves it) and its `BackendSet` (the one owner of its backends,
+//! which publishes the route connections read), plus the `Registry` of
 //! backend live state. [`Server::reload`] applies a new config as a diff:
 //! bind what is new first (so a failure changes nothing), then hand each
 //! listener's owner its new config, so open connections never notice.

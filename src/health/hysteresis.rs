@@ -58,7 +58,8 @@ impl Hysteresis {
         None
     }
 
-    pub fn is_up(&self) -> bool {
+    #[cfg(test)]
+    fn is_up(&self) -> bool {
         self.up
     }
 

@@ -4,22 +4,21 @@
 //! ids — with `ArcSwap`. A connection reads it while it is being placed
 //! (allow-list, scheduling, queue, connect) and then lets it go: for the
 //! rest of its life it holds only its backend's live state (through its
-//! [`queue::Slot`]), its stop signals and the few settings it reads, so a
+//! `queue::Slot`), its stop signals and the few settings it reads, so a
 //! database session that lasts for days pins nothing of the pools that
 //! reloads, health flips and discovery build meanwhile.
 
-pub mod accept;
-pub mod connect;
-pub mod http;
+pub(crate) mod accept;
+pub(crate) mod connect;
+pub(crate) mod http;
 pub mod lbcookie;
-pub mod proxy_protocol;
-pub mod queue;
-pub mod relay;
-pub mod tcp;
+pub(crate) mod proxy_protocol;
+pub(crate) mod queue;
+pub(crate) mod relay;
+pub(crate) mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -27,55 +26,30 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::balancer::Pool;
-use crate::config::{
-    Algorithm, Keepalive, ListenerConfig, Mode, OnMarkedDown, ProxyProtocol, Sticky,
-};
+use crate::config::ListenerConfig;
 use crate::metrics::ListenerMetrics;
 use crate::sync::Tripwire;
 
-/// A listener's settings as its connections read them: copied from its
-/// config, so holding them pins no backend list.
+/// A listener's settings as its connections read them: its config without
+/// the backend list, so holding them pins no backend (`backends` is
+/// empty; the pool is in the [`Route`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub name: Arc<str>,
-    pub mode: Mode,
-    pub algorithm: Algorithm,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// Further backends to try after a failed connect.
-    pub retries: u32,
-    /// Client sources allowed; `None` = everyone.
-    pub allow: Option<Vec<ipnet::IpNet>>,
-    /// Open client connections at most; beyond it accepting pauses.
-    pub max_connections: Option<u32>,
-    pub queue_timeout: Duration,
-    pub proxy_protocol: ProxyProtocol,
-    pub keepalive: Option<Keepalive>,
-    pub on_marked_down: OnMarkedDown,
-    /// HTTP mode: time allowed for a request's headers.
-    pub header_timeout: Duration,
-    /// HTTP mode: lbCookie stickiness.
-    pub sticky: Option<Sticky>,
-}
+pub struct Settings(ListenerConfig);
 
 impl Settings {
-    pub fn of(c: &ListenerConfig) -> Settings {
-        Settings {
-            name: c.name.clone(),
-            mode: c.mode,
-            algorithm: c.algorithm,
-            connect_timeout: c.connect_timeout,
-            idle_timeout: c.idle_timeout,
-            retries: c.retries,
-            allow: c.allow.clone(),
-            max_connections: c.max_connections,
-            queue_timeout: c.queue_timeout,
-            proxy_protocol: c.proxy_protocol,
-            keepalive: c.keepalive,
-            on_marked_down: c.on_marked_down,
-            header_timeout: c.header_timeout,
-            sticky: c.sticky.clone(),
-        }
+    pub fn of(config: &ListenerConfig) -> Settings {
+        Settings(ListenerConfig {
+            backends: Vec::new(),
+            ..config.clone()
+        })
+    }
+}
+
+impl std::ops::Deref for Settings {
+    type Target = ListenerConfig;
+
+    fn deref(&self) -> &ListenerConfig {
+        &self.0
     }
 }
 
