@@ -1,0 +1,619 @@
+//! Raw into validated: what serde cannot check (unique names, sane numbers,
+//! addresses that parse or resolve), one function per table.
+//!
+//! Each function takes the path of its table and names the offending field
+//! below it, so `locate` can point at the line. The checks run in file
+//! order and the first failure is the error: listeners (and, within each,
+//! its settings top to bottom, then its backends), then `[admin]`.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::locate::{FieldError, FieldPath};
+use super::raw::{
+    RawAdmin, RawBackend, RawConfig, RawGlobal, RawListener, RawSticky, StickyMethod, defaults,
+};
+use super::{
+    AdminConfig, BackendConfig, Config, HealthCheck, Keepalive, ListenerConfig, MAX_WEIGHT, Mode,
+    ProxyProtocol, Secret, Sticky,
+};
+
+impl Config {
+    /// Validate raw config; errors name the field by path.
+    pub(super) fn from_raw(raw: RawConfig, source: &Path) -> Result<Config, FieldError> {
+        let root = FieldPath::default();
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        let mut names = HashSet::new();
+        let mut binds: Vec<SocketAddr> = Vec::new();
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let at = root.item("listener", i);
+            listeners.push(Arc::new(listener(l, &at, &mut names, &mut binds)?));
+        }
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => Some(admin(a, &root.key("admin"))?),
+        };
+        Ok(Config {
+            source: source.to_owned(),
+            shutdown_timeout: global(raw.global),
+            admin,
+            listeners,
+        })
+    }
+}
+
+/// `[global]`: the shutdown grace period.
+fn global(raw: RawGlobal) -> Duration {
+    // A zero shutdown_timeout is allowed: it means "do not wait".
+    raw.shutdown_timeout
+}
+
+/// `[admin]`: an address that parses (no name to resolve) and a token file
+/// that reads.
+fn admin(a: RawAdmin, at: &FieldPath) -> Result<AdminConfig, FieldError> {
+    let bind = a.bind.parse().map_err(|_| {
+        err(
+            at.key("bind"),
+            format!(
+                "`{}` is not an IP address and port (\"127.0.0.1:9900\")",
+                a.bind
+            ),
+        )
+    })?;
+    let token = match &a.token_file {
+        None => None,
+        Some(file) => Some(read_token(file).map_err(|m| err(at.key("token_file"), m))?),
+    };
+    Ok(AdminConfig { bind, token })
+}
+
+/// One `[[listener]]`; `names` and `binds` hold those of the listeners
+/// before it, which this one must not repeat.
+fn listener(
+    l: RawListener,
+    at: &FieldPath,
+    names: &mut HashSet<String>,
+    binds: &mut Vec<SocketAddr>,
+) -> Result<ListenerConfig, FieldError> {
+    listener_name(&l.name, &at.key("name"), names)?;
+    let bind = listener_bind(&l.bind, &at.key("bind"), binds)?;
+    positive(l.connect_timeout, &at.key("connect_timeout"))?;
+    positive(l.idle_timeout, &at.key("idle_timeout"))?;
+    health_check(&l.health_check, &at.key("health_check"))?;
+    let sticky = match l.sticky {
+        None => None,
+        Some(st) => Some(sticky(st, l.mode, &at.key("sticky"))?),
+    };
+    let header_timeout = header_timeout(l.header_timeout, l.mode, &at.key("header_timeout"))?;
+    let allow = match &l.allow {
+        None => None,
+        Some(list) => Some(allow(list, at)?),
+    };
+    at_least_one(l.max_connections, &at.key("max_connections"))?;
+    positive(l.queue_timeout, &at.key("queue_timeout"))?;
+    proxy_protocol(l.proxy_protocol, l.mode, &at.key("proxy_protocol"))?;
+    let wanted = Keepalive {
+        idle: l.keepalive_idle,
+        interval: l.keepalive_interval,
+        count: l.keepalive_count,
+    };
+    let keepalive = keepalive(l.keepalive, wanted, at)?;
+    let backends = backends(l.backends, &l.name, at)?;
+    Ok(ListenerConfig {
+        name: l.name.into(),
+        bind,
+        mode: l.mode,
+        algorithm: l.algorithm,
+        connect_timeout: l.connect_timeout,
+        idle_timeout: l.idle_timeout,
+        retries: l.retries,
+        freebind: l.freebind,
+        allow,
+        max_connections: l.max_connections,
+        queue_timeout: l.queue_timeout,
+        proxy_protocol: l.proxy_protocol,
+        keepalive,
+        on_marked_down: l.on_marked_down,
+        health_check: l.health_check,
+        header_timeout,
+        sticky,
+        backends,
+    })
+}
+
+/// A listener's `name`: plain, and not taken by an earlier listener (in
+/// `names`, which it joins).
+fn listener_name(
+    name: &str,
+    at: &FieldPath,
+    names: &mut HashSet<String>,
+) -> Result<(), FieldError> {
+    check_name(name, at)?;
+    if !names.insert(name.to_owned()) {
+        return Err(err(at.clone(), format!("duplicate listener name `{name}`")));
+    }
+    Ok(())
+}
+
+/// A listener's `bind`: an IP address and port that no earlier listener
+/// (in `binds`, which it joins) would keep it from binding.
+fn listener_bind(
+    text: &str,
+    at: &FieldPath,
+    binds: &mut Vec<SocketAddr>,
+) -> Result<SocketAddr, FieldError> {
+    let bind: SocketAddr = text.parse().map_err(|_| {
+        err(
+            at.clone(),
+            format!("`{text}` is not an IP address and port (\"0.0.0.0:5432\" or \"[::]:5432\")"),
+        )
+    })?;
+    // The same address twice, or a wildcard (0.0.0.0, [::]) and any
+    // address on the same port: the second bind would fail.
+    if bind.port() != 0
+        && let Some(other) = binds.iter().find(|b: &&SocketAddr| {
+            b.port() == bind.port()
+                && (**b == bind || b.ip().is_unspecified() || bind.ip().is_unspecified())
+        })
+    {
+        return Err(err(
+            at.clone(),
+            format!("`{bind}` overlaps `{other}` of another listener"),
+        ));
+    }
+    binds.push(bind);
+    Ok(bind)
+}
+
+/// HTTP mode's `header_timeout`: refused in tcp mode, defaulted in http mode.
+fn header_timeout(
+    written: Option<Duration>,
+    mode: Mode,
+    at: &FieldPath,
+) -> Result<Duration, FieldError> {
+    if written.is_some() && mode != Mode::Http {
+        return Err(err(at.clone(), "only applies to `mode = \"http\"`".into()));
+    }
+    let header_timeout = written.unwrap_or_else(defaults::header_timeout);
+    positive(header_timeout, at)?;
+    Ok(header_timeout)
+}
+
+/// A PROXY header only in tcp mode: HTTP mode says who the client is in a
+/// request header instead.
+fn proxy_protocol(pp: ProxyProtocol, mode: Mode, at: &FieldPath) -> Result<(), FieldError> {
+    if pp != ProxyProtocol::Off && mode == Mode::Http {
+        return Err(err(
+            at.clone(),
+            "applies to `mode = \"tcp\"`; in http mode the client address is in X-Forwarded-For"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A listener's `allow` list, each entry located by its index.
+fn allow(list: &[String], at: &FieldPath) -> Result<Vec<ipnet::IpNet>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(k, entry)| parse_net(entry).map_err(|m| err(at.item("allow", k), m)))
+        .collect()
+}
+
+/// A listener's `keepalive*` settings; `None` when keepalive is off (the
+/// other settings are then not checked).
+fn keepalive(on: bool, k: Keepalive, at: &FieldPath) -> Result<Option<Keepalive>, FieldError> {
+    if !on {
+        return Ok(None);
+    }
+    // The kernel takes whole seconds, and at most 127 probes.
+    at_least_a_second(k.idle, &at.key("keepalive_idle"))?;
+    at_least_a_second(k.interval, &at.key("keepalive_interval"))?;
+    if !(1..=127).contains(&k.count) {
+        return Err(err(
+            at.key("keepalive_count"),
+            format!("{} is out of range 1..=127", k.count),
+        ));
+    }
+    Ok(Some(k))
+}
+
+/// `[listener.health_check]`: probes that end before the next one starts.
+fn health_check(h: &HealthCheck, at: &FieldPath) -> Result<(), FieldError> {
+    positive(h.interval, &at.key("interval"))?;
+    positive(h.timeout, &at.key("timeout"))?;
+    if h.timeout > h.interval {
+        return Err(err(
+            at.key("timeout"),
+            format!(
+                "{} is longer than the interval ({}): probes would overlap",
+                humantime::format_duration(h.timeout),
+                humantime::format_duration(h.interval)
+            ),
+        ));
+    }
+    for (value, key) in [(h.fall, "fall"), (h.rise, "rise")] {
+        if value == 0 {
+            return Err(err(at.key(key), "must be at least 1".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `[listener.sticky]` of a listener in `mode`: only HTTP sees cookies.
+fn sticky(st: RawSticky, mode: Mode, at: &FieldPath) -> Result<Sticky, FieldError> {
+    if mode != Mode::Http {
+        return Err(err(
+            at.clone(),
+            "lbcookie stickiness needs `mode = \"http\"` (a tcp listener cannot see cookies)"
+                .into(),
+        ));
+    }
+    let StickyMethod::Lbcookie = st.method;
+    check_cookie_name(&st.cookie, &at.key("cookie"))?;
+    if let Some(age) = st.max_age {
+        // Max-Age is in whole seconds: less would be 0,
+        // which tells the browser to delete the cookie.
+        at_least_a_second(age, &at.key("max_age"))?;
+    }
+    Ok(Sticky {
+        cookie: st.cookie,
+        max_age: st.max_age,
+    })
+}
+
+/// The `[[listener.backend]]` list of listener `listener` (at `at`): at
+/// least one, names unique within it.
+fn backends(
+    raw: Vec<RawBackend>,
+    listener: &str,
+    at: &FieldPath,
+) -> Result<Vec<BackendConfig>, FieldError> {
+    if raw.is_empty() {
+        return Err(err(
+            at.key("backend"),
+            format!("listener `{listener}` needs at least one [[listener.backend]]"),
+        ));
+    }
+    let mut names = HashSet::new();
+    raw.into_iter()
+        .enumerate()
+        .map(|(j, b)| backend(b, listener, &at.item("backend", j), &mut names))
+        .collect()
+}
+
+/// One `[[listener.backend]]`, its address resolved now; `names` holds those
+/// of the listener's backends before it.
+fn backend(
+    b: RawBackend,
+    listener: &str,
+    at: &FieldPath,
+    names: &mut HashSet<String>,
+) -> Result<BackendConfig, FieldError> {
+    check_name(&b.name, &at.key("name"))?;
+    if !names.insert(b.name.clone()) {
+        return Err(err(
+            at.key("name"),
+            format!(
+                "duplicate backend name `{}` in listener `{listener}`",
+                b.name
+            ),
+        ));
+    }
+    at_least_one(b.max_connections, &at.key("max_connections"))?;
+    if b.weight > MAX_WEIGHT {
+        return Err(err(
+            at.key("weight"),
+            format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+        ));
+    }
+    let addr = resolve(&b.address).map_err(|m| err(at.key("address"), m))?;
+    Ok(BackendConfig {
+        name: b.name.into(),
+        address: b.address,
+        addr,
+        weight: b.weight,
+        backup: b.backup,
+        max_connections: b.max_connections,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Checks shared by the tables
+// ---------------------------------------------------------------------------
+
+fn err(path: FieldPath, message: String) -> FieldError {
+    FieldError { path, message }
+}
+
+/// Names appear in metric labels, URLs and cookies: keep them plain.
+fn check_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            at.clone(),
+            format!("`{name}` is not a valid name (1 to 64 of letters, digits, '-', '_', '.')"),
+        ))
+    }
+}
+
+/// A cookie name is an RFC 6265 token.
+fn check_cookie_name(name: &str, at: &FieldPath) -> Result<(), FieldError> {
+    let token = |c: u8| c.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&c);
+    if !name.is_empty() && name.len() <= 64 && name.bytes().all(token) {
+        Ok(())
+    } else {
+        Err(err(
+            at.clone(),
+            format!("`{name}` is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+        ))
+    }
+}
+
+/// A connection cap, when there is one: zero would refuse everything.
+fn at_least_one(cap: Option<u32>, at: &FieldPath) -> Result<(), FieldError> {
+    if cap == Some(0) {
+        Err(err(at.clone(), "must be at least 1".into()))
+    } else {
+        Ok(())
+    }
+}
+
+fn at_least_a_second(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
+    if d < Duration::from_secs(1) {
+        Err(err(
+            at.clone(),
+            "must be at least 1s (it is counted in whole seconds)".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn positive(d: Duration, at: &FieldPath) -> Result<(), FieldError> {
+    if d.is_zero() {
+        Err(err(at.clone(), "must be greater than zero".into()))
+    } else {
+        Ok(())
+    }
+}
+
+/// A CIDR ("10.0.0.0/8", "::1/128") or a single address.
+fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
+    entry
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("`{entry}` is not an address or CIDR (\"10.0.0.0/8\", \"::1\")"))
+}
+
+/// The admin token: the file's content without surrounding white space.
+fn read_token(file: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", file.display()));
+    }
+    Ok(Secret(token.to_owned()))
+}
+
+/// `ip:port`, or `host:port` resolved now (first address wins).
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{address}`: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("`{address}` resolved to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{error, load};
+
+    #[test]
+    fn semantic_errors_name_the_field_and_line() {
+        let base = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\nweight = 999\n",
+                "test.toml:7:10: listener[0].backend[0].weight: 999 is out of range",
+                "weight",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:3\"\n",
+                "test.toml:8:8: listener[0].backend[1].name: duplicate backend name `x`",
+                "dup backend",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x y\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].backend[0].name: `x y` is not a valid name",
+                "bad name",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"no-such-host.invalid:2\"\n",
+                "test.toml:6:11: listener[0].backend[0].address: cannot resolve",
+                "unresolvable",
+            ),
+            (
+                "connect_timeout = \"0s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].connect_timeout: must be greater than zero",
+                "zero timeout",
+            ),
+            (
+                "",
+                "test.toml:1:1: listener[0].backend: listener `a` needs at least one",
+                "no backends",
+            ),
+            (
+                "[listener.health_check]\ninterval = \"0s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:12: listener[0].health_check.interval: must be greater than zero",
+                "zero interval",
+            ),
+            (
+                "[listener.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:11: listener[0].health_check.timeout: 2s is longer than the interval (1s)",
+                "timeout above interval",
+            ),
+            (
+                "[listener.health_check]\nfall = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.fall: must be at least 1",
+                "fall 0",
+            ),
+            (
+                "[listener.health_check]\nrise = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.rise: must be at least 1",
+                "rise 0",
+            ),
+            (
+                "[listener.sticky]\nmethod = \"lbcookie\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:1: listener[0].sticky: lbcookie stickiness needs `mode = \"http\"`",
+                "sticky on tcp",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"lbcookie\"\ncookie = \"a b\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:7:10: listener[0].sticky.cookie: `a b` is not a valid cookie name",
+                "bad cookie name",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"ipaddr\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:10: listener[0].sticky.method: unknown variant `ipaddr`",
+                "bad method",
+            ),
+            (
+                "header_timeout = \"5s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:18: listener[0].header_timeout: only applies",
+                "header timeout on tcp",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\", \"10.0.0.300\"]\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:24: listener[0].allow[1]: `10.0.0.300` is not an address or CIDR",
+                "bad allow entry",
+            ),
+            (
+                "max_connections = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].max_connections: must be at least 1",
+                "zero max_connections",
+            ),
+            (
+                "mode = \"http\"\nproxy_protocol = \"v2\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:18: listener[0].proxy_protocol: applies to `mode = \"tcp\"`",
+                "proxy protocol in http mode",
+            ),
+            (
+                "keepalive_count = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:19: listener[0].keepalive_count: 0 is out of range 1..=127",
+                "zero keepalive count",
+            ),
+            (
+                "keepalive_interval = \"500ms\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:22: listener[0].keepalive_interval: must be at least 1s",
+                "sub-second keepalive",
+            ),
+            (
+                "mode = \"http\"\n[listener.sticky]\nmethod = \"lbcookie\"\nmax_age = \"500ms\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:7:11: listener[0].sticky.max_age: must be at least 1s",
+                "sub-second max_age",
+            ),
+            (
+                "[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\nmax_connections = 0\n",
+                "test.toml:7:19: listener[0].backend[0].max_connections: must be at least 1",
+                "zero backend cap",
+            ),
+            (
+                "on_marked_down = \"restart\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:18: listener[0].on_marked_down: unknown variant `restart`",
+                "bad on_marked_down",
+            ),
+        ];
+        for (tail, want, what) in cases {
+            let e = error(&format!("{base}{tail}"));
+            assert!(
+                e.starts_with(want),
+                "{what}: got {e:?}, want prefix {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_listener_and_bad_bind() {
+        let one = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n";
+        let e = error(&format!("{one}{one}"));
+        assert!(
+            e.starts_with("test.toml:8:8: listener[1].name: duplicate listener name `a`"),
+            "{e}"
+        );
+        let e = error(&one.replace("127.0.0.1:1", "localhost:1"));
+        assert!(
+            e.starts_with("test.toml:3:8: listener[0].bind: `localhost:1` is not an IP"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{one}{}",
+            one.replace("name = \"a\"", "name = \"b\"")
+        ));
+        assert!(
+            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` overlaps `127.0.0.1:1`"),
+            "{e}"
+        );
+        let wildcard = one.replace("127.0.0.1:1", "0.0.0.0:1");
+        let e = error(&format!(
+            "{wildcard}{}",
+            one.replace("name = \"a\"", "name = \"b\"")
+        ));
+        assert!(
+            e.starts_with("test.toml:9:8: listener[1].bind: `127.0.0.1:1` overlaps `0.0.0.0:1`"),
+            "{e}"
+        );
+        // Different ports on a wildcard are fine.
+        let other_port = one
+            .replace("name = \"a\"", "name = \"b\"")
+            .replace("127.0.0.1:1", "127.0.0.1:2");
+        assert!(load(&format!("{wildcard}{other_port}")).is_ok());
+    }
+
+    #[test]
+    fn admin_table_and_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let c = load(&format!("[admin]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.bind, "127.0.0.1:9900".parse().unwrap());
+        let secret = admin.token.unwrap();
+        assert!(secret.matches(b"s3cret"));
+        assert!(!secret.matches(b"s3cre"));
+        assert!(!format!("{secret:?}").contains("s3cret"));
+        assert!(load("").unwrap().admin.is_none());
+
+        std::fs::write(&token, " \n").unwrap();
+        let e = error(&format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ));
+        assert!(
+            e.starts_with("test.toml:3:14: admin.token_file: token file"),
+            "{e}"
+        );
+        let e = error("[admin]\nbind = \"localhost\"\n");
+        assert!(
+            e.starts_with("test.toml:2:8: admin.bind: `localhost` is not"),
+            "{e}"
+        );
+        let e = error("[admin]\nport = 1\n");
+        assert!(e.contains("unknown field `port`"), "{e}");
+    }
+}
