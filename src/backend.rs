@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use arc_swap::ArcSwap;
 
 use crate::config::BackendConfig;
+use crate::health::report::HealthReport;
 use crate::metrics::BackendMetrics;
 use crate::sync::Tripwire;
 
@@ -30,6 +31,8 @@ pub struct Backend {
     pub config: BackendConfig,
     /// Live state shared with every snapshot that contains this backend.
     pub state: Arc<BackendState>,
+    /// What its last health check said (reason, role), for the status API.
+    pub health: Arc<HealthReport>,
 }
 
 impl std::ops::Deref for Backend {
@@ -42,9 +45,19 @@ impl std::ops::Deref for Backend {
 
 impl Backend {
     pub fn new(config: &BackendConfig, state: Arc<BackendState>) -> Backend {
+        Backend::with_report(config, state, Arc::default())
+    }
+
+    /// A backend whose checks report into `health` (kept across reloads).
+    pub fn with_report(
+        config: &BackendConfig,
+        state: Arc<BackendState>,
+        health: Arc<HealthReport>,
+    ) -> Backend {
         Backend {
             config: config.clone(),
             state,
+            health,
         }
     }
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::backend::{AdminState, Backend, BackendState};
-use crate::config::{ListenerConfig, OnMarkedDown};
+use crate::config::{CheckKind, ListenerConfig, OnMarkedDown};
 use crate::health::{self, Flip, ProbeHandle, Target};
 use crate::metrics::Metrics;
 use crate::proxy::{Route, Settings, Shared};
@@ -140,7 +140,8 @@ struct Owner {
 struct Member {
     backend: Arc<Backend>,
     probe_id: u64,
-    probe: ProbeHandle,
+    /// `None` with `kind = "none"`.
+    probe: Option<ProbeHandle>,
 }
 
 impl Owner {
@@ -226,24 +227,31 @@ impl Owner {
                 .and_then(Option::take);
             let member = match kept {
                 Some(m) if m.backend.addr == b.addr => {
-                    m.probe.update(config.health_check);
-                    Member {
-                        backend: if m.backend.config == *b {
-                            m.backend
-                        } else {
-                            Arc::new(Backend::new(b, m.backend.state.clone()))
-                        },
-                        ..m
+                    let backend = if m.backend.config == *b {
+                        m.backend
+                    } else {
+                        let (state, health) = (m.backend.state.clone(), m.backend.health.clone());
+                        Arc::new(Backend::with_report(b, state, health))
+                    };
+                    match m.probe {
+                        // The running probe takes the new settings, its
+                        // counters intact (and stops if now `none`).
+                        Some(probe) if config.health_check.kind != CheckKind::None => {
+                            probe.update(config.health_check.clone());
+                            Member {
+                                backend,
+                                probe_id: m.probe_id,
+                                probe: Some(probe),
+                            }
+                        }
+                        _ => self.member_for(&config, i, backend),
                     }
                 }
                 Some(m) => {
                     // Same name, new address: fresh health, same counters.
                     m.backend.state.set_up(true);
-                    self.member_for(
-                        &config,
-                        i,
-                        Arc::new(Backend::new(b, m.backend.state.clone())),
-                    )
+                    let backend = Backend::new(b, m.backend.state.clone());
+                    self.member_for(&config, i, Arc::new(backend))
                 }
                 None => {
                     let state = self.registry.state(&config.name, &b.name);
@@ -259,24 +267,31 @@ impl Owner {
         self.config = config;
     }
 
-    /// A member for `backend` with a probe of its own.
-    fn member_for(
-        &mut self,
-        config: &ListenerConfig,
-        index: usize,
-        backend: Arc<Backend>,
-    ) -> Member {
+    /// A member for `backend` with a probe of its own, fresh (its first
+    /// check comes soon); none with `kind = "none"`, where it is always up.
+    fn member_for(&mut self, config: &ListenerConfig, index: usize, backend: Arc<Backend>) -> Member {
         self.next_probe += 1;
         let id = self.next_probe;
+        let settings = &config.health_check;
+        if settings.kind == CheckKind::None {
+            backend.state.set_up(true);
+            backend.health.record(None, None);
+            return Member {
+                backend,
+                probe_id: id,
+                probe: None,
+            };
+        }
         let reports = self.reports.clone();
         let probe = health::spawn(
             Target {
                 listener: config.name.clone(),
                 backend: backend.name.clone(),
                 addr: backend.addr,
+                report: backend.health.clone(),
             },
-            config.health_check,
-            health::first_delay(index, config.backends.len(), config.health_check.interval),
+            settings.clone(),
+            health::first_delay(index, config.backends.len(), settings.interval),
             self.metrics.checks(&config.name, &backend.name),
             move |flip| {
                 if let Some(tx) = reports.upgrade() {
@@ -287,7 +302,7 @@ impl Owner {
         Member {
             backend,
             probe_id: id,
-            probe,
+            probe: Some(probe),
         }
     }
 

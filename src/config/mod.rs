@@ -74,6 +74,14 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// The secret itself, for sending to the one server it is for (a
+    /// check's login). Never log or print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
@@ -217,22 +225,32 @@ pub enum OnMarkedDown {
     Shutdown,
 }
 
-/// `[listener.health_check]`: a TCP connect probe per backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A validated `[listener.health_check]`: what a probe of each backend
+/// does, how often, and when results flip its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Time between the starts of two probes of one backend.
-    #[serde(default = "defaults::check_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// A probe fails unless the connection is established within this.
-    #[serde(default = "defaults::check_timeout", with = "humantime_serde")]
+    /// A probe fails unless its whole exchange ends within this.
     pub timeout: Duration,
     /// Consecutive failures that mark an up backend down.
-    #[serde(default = "defaults::fall")]
     pub fall: u32,
     /// Consecutive successes that mark a down backend up.
-    #[serde(default = "defaults::rise")]
     pub rise: u32,
+    /// What a probe proves.
+    pub kind: CheckKind,
+    /// Probe this port on the backend's host instead of the backend's port.
+    pub port: Option<u16>,
+    /// Database kinds: the role a server must have to pass.
+    pub role: Role,
+    /// Database kinds: the probe's login.
+    pub user: Option<String>,
+    /// postgres: the database to connect to (default: the user's name).
+    pub database: Option<String>,
+    /// From `password_file`, read at (re)load.
+    pub password: Option<Secret>,
+    /// http: the request path.
+    pub path: String,
 }
 
 impl Default for HealthCheck {
@@ -242,6 +260,69 @@ impl Default for HealthCheck {
             timeout: defaults::check_timeout(),
             fall: defaults::fall(),
             rise: defaults::rise(),
+            kind: CheckKind::Tcp,
+            port: None,
+            role: Role::Any,
+            user: None,
+            database: None,
+            password: None,
+            path: "/".into(),
+        }
+    }
+}
+
+/// What a health check proves (`kind`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// The TCP connection is established.
+    #[default]
+    Tcp,
+    /// A PostgreSQL session is authenticated up to ReadyForQuery.
+    Postgres,
+    /// A MySQL/MariaDB greeting (and with `user`, a login).
+    Mysql,
+    /// Redis answers PING with PONG.
+    Redis,
+    /// An HTTP GET is answered with 2xx or 3xx.
+    Http,
+    /// No probes: always up.
+    None,
+}
+
+impl CheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Postgres => "postgres",
+            CheckKind::Mysql => "mysql",
+            CheckKind::Redis => "redis",
+            CheckKind::Http => "http",
+            CheckKind::None => "none",
+        }
+    }
+}
+
+/// The role a database server must have to pass its check.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Whatever it is.
+    #[default]
+    Any,
+    /// Takes writes (PostgreSQL not in recovery, Redis master, MySQL with
+    /// `read_only = 0`).
+    Primary,
+    /// A read-only copy.
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Any => "any",
+            Role::Primary => "primary",
+            Role::Replica => "replica",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Algorithm, HealthCheck, Mode, OnMarkedDown, ProxyProtocol};
+use super::{Algorithm, CheckKind, Mode, OnMarkedDown, ProxyProtocol, Role};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -84,13 +84,53 @@ pub(super) struct RawListener {
     #[serde(default)]
     pub on_marked_down: OnMarkedDown,
     #[serde(default)]
-    pub health_check: HealthCheck,
+    pub health_check: RawHealthCheck,
     /// HTTP mode: how long a client may take to send a request's headers.
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
     pub sticky: Option<RawSticky>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
+}
+
+/// `[listener.health_check]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    #[serde(default = "defaults::check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "defaults::check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    #[serde(default)]
+    pub kind: CheckKind,
+    pub port: Option<u16>,
+    pub role: Option<Role>,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub path: Option<String>,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        RawHealthCheck {
+            interval: defaults::check_interval(),
+            timeout: defaults::check_timeout(),
+            fall: defaults::fall(),
+            rise: defaults::rise(),
+            kind: CheckKind::default(),
+            port: None,
+            role: None,
+            user: None,
+            database: None,
+            password_file: None,
+            path: None,
+        }
+    }
 }
 
 /// `[listener.sticky]`

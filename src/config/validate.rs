@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use super::locate::{FieldError, FieldPath};
 use super::raw::{
-    RawAdmin, RawBackend, RawConfig, RawGlobal, RawListener, RawSticky, StickyMethod, defaults,
+    RawAdmin, RawBackend, RawConfig, RawGlobal, RawHealthCheck, RawListener, RawSticky,
+    StickyMethod, defaults,
 };
 use super::{
-    AdminConfig, BackendConfig, Config, HealthCheck, Keepalive, ListenerConfig, MAX_WEIGHT, Mode,
-    ProxyProtocol, Secret, Sticky,
+    AdminConfig, BackendConfig, CheckKind, Config, HealthCheck, Keepalive, ListenerConfig,
+    MAX_WEIGHT, Mode, ProxyProtocol, Role, Secret, Sticky,
 };
 
 impl Config {
@@ -82,7 +83,7 @@ fn listener(
     let bind = listener_bind(&l.bind, &at.key("bind"), binds)?;
     positive(l.connect_timeout, &at.key("connect_timeout"))?;
     positive(l.idle_timeout, &at.key("idle_timeout"))?;
-    health_check(&l.health_check, &at.key("health_check"))?;
+    let health_check = health_check(l.health_check, &at.key("health_check"))?;
     let sticky = match l.sticky {
         None => None,
         Some(st) => Some(sticky(st, l.mode, &at.key("sticky"))?),
@@ -117,7 +118,7 @@ fn listener(
         proxy_protocol: l.proxy_protocol,
         keepalive,
         on_marked_down: l.on_marked_down,
-        health_check: l.health_check,
+        health_check,
         header_timeout,
         sticky,
         backends,
@@ -221,8 +222,9 @@ fn keepalive(on: bool, k: Keepalive, at: &FieldPath) -> Result<Option<Keepalive>
     Ok(Some(k))
 }
 
-/// `[listener.health_check]`: probes that end before the next one starts.
-fn health_check(h: &HealthCheck, at: &FieldPath) -> Result<(), FieldError> {
+/// `[listener.health_check]`: probes that end before the next one starts,
+/// and of each kind only its own fields.
+fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldError> {
     positive(h.interval, &at.key("interval"))?;
     positive(h.timeout, &at.key("timeout"))?;
     if h.timeout > h.interval {
@@ -238,6 +240,77 @@ fn health_check(h: &HealthCheck, at: &FieldPath) -> Result<(), FieldError> {
     for (value, key) in [(h.fall, "fall"), (h.rise, "rise")] {
         if value == 0 {
             return Err(err(at.key(key), "must be at least 1".into()));
+        }
+    }
+    check_kind_fields(&h, at)?;
+    if h.port == Some(0) {
+        return Err(err(at.key("port"), "must be 1..=65535".into()));
+    }
+    if h.kind == CheckKind::Postgres && h.user.is_none() {
+        return Err(err(
+            at.key("user"),
+            "kind = \"postgres\" needs `user` (the probe logs in)".into(),
+        ));
+    }
+    if h.kind == CheckKind::Mysql && h.role.is_some() && h.user.is_none() {
+        return Err(err(
+            at.key("role"),
+            "needs `user`: the role is read after a login".into(),
+        ));
+    }
+    if let Some(path) = &h.path
+        && !path.starts_with('/')
+    {
+        return Err(err(
+            at.key("path"),
+            format!("`{path}` must start with `/`"),
+        ));
+    }
+    let password = match &h.password_file {
+        None => None,
+        Some(file) => Some(read_password(file).map_err(|m| err(at.key("password_file"), m))?),
+    };
+    Ok(HealthCheck {
+        interval: h.interval,
+        timeout: h.timeout,
+        fall: h.fall,
+        rise: h.rise,
+        kind: h.kind,
+        port: h.port,
+        role: h.role.unwrap_or(Role::Any),
+        user: h.user,
+        database: h.database,
+        password,
+        path: h.path.unwrap_or_else(|| "/".into()),
+    })
+}
+
+/// Each check kind takes only its own fields (SPEC's table); any other is
+/// an error naming it.
+fn check_kind_fields(h: &RawHealthCheck, at: &FieldPath) -> Result<(), FieldError> {
+    use CheckKind::*;
+    let given: [(&'static str, bool, &[CheckKind]); 6] = [
+        ("port", h.port.is_some(), &[Tcp, Http, Postgres, Mysql, Redis]),
+        ("role", h.role.is_some(), &[Postgres, Mysql, Redis]),
+        ("user", h.user.is_some(), &[Postgres, Mysql, Redis]),
+        ("database", h.database.is_some(), &[Postgres]),
+        ("password_file", h.password_file.is_some(), &[Postgres, Mysql, Redis]),
+        ("path", h.path.is_some(), &[Http]),
+    ];
+    for (key, set, kinds) in given {
+        if set && !kinds.contains(&h.kind) {
+            return Err(err(
+                at.key(key),
+                format!(
+                    "does not apply to kind = \"{}\" (it applies to {})",
+                    h.kind.as_str(),
+                    kinds
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         }
     }
     Ok(())
@@ -405,6 +478,17 @@ fn read_token(file: &Path) -> Result<Secret, String> {
         return Err(format!("token file {} is empty", file.display()));
     }
     Ok(Secret(token.to_owned()))
+}
+
+/// A check password: the file's content without one trailing newline.
+fn read_password(file: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read password file {}: {e}", file.display()))?;
+    let password = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    Ok(Secret(password.to_owned()))
 }
 
 /// `ip:port`, or `host:port` resolved now (first address wins).

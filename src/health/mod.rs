@@ -14,9 +14,20 @@
 //! rebuilds the pool.
 //!
 //! A new probe kind is one file here with a type that implements [`Probe`],
-//! plus its arm in [`probe_for`] and its config fields.
+//! plus its arm in [`probe_for`] and its config fields. Kinds: [`tcp`],
+//! [`http`], [`postgres`], [`mysql`], [`redis`]; `none` runs no probe at
+//! all (the backend-set owner starts none).
+//!
+//! With `role = "primary"` or `"replica"`, a server that answers with the
+//! other role fails its check like a dead one, so fall/rise apply and a
+//! listener follows a promotion within `interval × fall`.
 
+pub mod http;
 pub mod hysteresis;
+pub mod mysql;
+pub mod postgres;
+pub mod redis;
+pub mod report;
 pub mod tcp;
 
 use std::fmt;
@@ -31,9 +42,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::config::HealthCheck;
+use crate::config::{CheckKind, HealthCheck, Role};
 use crate::metrics::CheckMetrics;
 pub use hysteresis::{Flip, Hysteresis};
+pub use report::HealthReport;
 
 /// First probes of a pool are spread over at most this long (or the
 /// interval, if shorter): long enough to smooth a burst of 1000 connects,
@@ -41,7 +53,15 @@ pub use hysteresis::{Flip, Hysteresis};
 pub const FIRST_PROBE_SPREAD: Duration = Duration::from_secs(1);
 
 /// The future of one check.
-pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send + 'a>>;
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Failure>> + Send + 'a>>;
+
+/// What a successful check learnt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The server's role, for kinds that read one (`Primary` or
+    /// `Replica`; never `Any`).
+    pub role: Option<Role>,
+}
 
 /// One kind of health check (`tcp`, …): what a single check of a backend
 /// does and what counts as success.
@@ -75,9 +95,29 @@ impl fmt::Display for Failure {
     }
 }
 
-/// The probe kind a listener's settings ask for.
-pub fn probe_for(_settings: &HealthCheck) -> Arc<dyn Probe> {
-    Arc::new(tcp::TcpProbe)
+/// The probe kind a listener's settings ask for; `None` for `kind =
+/// "none"`.
+pub fn probe_for(settings: &HealthCheck) -> Option<Arc<dyn Probe>> {
+    Some(match settings.kind {
+        CheckKind::Tcp => Arc::new(tcp::TcpProbe),
+        CheckKind::Http => Arc::new(http::HttpProbe::new(settings)),
+        CheckKind::Postgres => Arc::new(postgres::PostgresProbe::new(settings)),
+        CheckKind::Mysql => Arc::new(mysql::MysqlProbe::new(settings)),
+        CheckKind::Redis => Arc::new(redis::RedisProbe::new(settings)),
+        CheckKind::None => return None,
+    })
+}
+
+/// A check's verdict once the wanted role is taken into account: a server
+/// with the other role fails like a dead one.
+pub fn judge(result: Result<Outcome, Failure>, wanted: Role) -> Result<Outcome, Failure> {
+    let outcome = result?;
+    match (wanted, outcome.role) {
+        (Role::Any, _) => Ok(outcome),
+        (want, Some(seen)) if seen == want => Ok(outcome),
+        (_, Some(seen)) => Err(Failure(format!("role is {}", seen.as_str()))),
+        (_, None) => Err(Failure("role unknown".into())),
+    }
 }
 
 /// What a probe task checks, and names in its log lines.
@@ -85,7 +125,10 @@ pub fn probe_for(_settings: &HealthCheck) -> Arc<dyn Probe> {
 pub struct Target {
     pub listener: Arc<str>,
     pub backend: Arc<str>,
+    /// The backend's address; `port` in the settings may replace its port.
     pub addr: SocketAddr,
+    /// Where the task records each check for the status API.
+    pub report: Arc<HealthReport>,
 }
 
 /// A running probe task; stopped when dropped.
@@ -133,7 +176,7 @@ async fn run(
     metrics: Arc<CheckMetrics>,
     report: impl Fn(Flip),
 ) {
-    let mut current = *settings.borrow_and_update();
+    let mut current = settings.borrow_and_update().clone();
     let mut probe = probe_for(&current);
     let mut hysteresis = Hysteresis::default();
     let mut ticks = schedule(Instant::now() + first_delay, current.interval);
@@ -144,7 +187,7 @@ async fn run(
                 if changed.is_err() {
                     return; // the owner is gone
                 }
-                let next = *settings.borrow_and_update();
+                let next = settings.borrow_and_update().clone();
                 if next.interval != current.interval {
                     ticks = schedule(Instant::now() + next.interval, next.interval);
                 }
@@ -153,12 +196,21 @@ async fn run(
                 continue;
             }
         }
+        let Some(kind) = &probe else {
+            continue; // kind = "none": the owner stops such a task
+        };
+        let addr = SocketAddr::new(target.addr.ip(), current.port.unwrap_or(target.addr.port()));
         let started = Instant::now();
-        let result = match tokio::time::timeout(current.timeout, probe.check(target.addr)).await {
+        let checked = match tokio::time::timeout(current.timeout, kind.check(addr)).await {
             Ok(result) => result,
             Err(_) => Err(Failure("timeout".into())),
         };
+        let seen = checked.as_ref().ok().and_then(|o| o.role);
+        let result = judge(checked, current.role);
         metrics.record(result.is_ok(), started.elapsed());
+        target
+            .report
+            .record(result.as_ref().err().map(|f| f.0.as_str()), seen);
         let Some(flip) = hysteresis.observe(result.is_ok(), current.rise, current.fall) else {
             continue;
         };
@@ -217,6 +269,7 @@ mod tests {
             timeout: Duration::from_millis(interval_ms.min(1000)),
             fall: 3,
             rise: 2,
+            ..HealthCheck::default()
         }
     }
 
@@ -242,6 +295,7 @@ mod tests {
             listener: "l".into(),
             backend: "b".into(),
             addr,
+            report: Arc::default(),
         };
         let handle = spawn(
             target,
@@ -271,6 +325,7 @@ mod tests {
             listener: "l".into(),
             backend: "b".into(),
             addr: listener.local_addr().unwrap(),
+            report: Arc::default(),
         };
         let metrics = Arc::new(CheckMetrics::detached());
         let handle = spawn(

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{Failure, Probe, ProbeFuture};
+use super::{Failure, Outcome, Probe, ProbeFuture};
 
 /// Connects and closes at once: the only question is "does it accept?".
 #[derive(Debug, Default)]
@@ -15,7 +15,7 @@ impl Probe for TcpProbe {
         Box::pin(async move {
             TcpStream::connect(addr)
                 .await
-                .map(drop)
+                .map(|_| Outcome::default())
                 .map_err(|e| Failure::io(&e))
         })
     }
