@@ -244,13 +244,24 @@ impl Server {
 
     /// Live state of one backend.
     pub fn backend_state(&self, listener: &str, backend: &str) -> Option<Arc<BackendState>> {
+        Some(self.backend(listener, backend)?.state.clone())
+    }
+
+    /// Why a backend's last health check failed; `None` after a success,
+    /// before any, or for an unknown backend.
+    pub fn check_reason(&self, listener: &str, backend: &str) -> Option<String> {
+        self.backend(listener, backend)?.health.reason()
+    }
+
+    /// The role a backend's last successful check read (database kinds).
+    pub fn role(&self, listener: &str, backend: &str) -> Option<crate::config::Role> {
+        self.backend(listener, backend)?.health.role()
+    }
+
+    fn backend(&self, listener: &str, backend: &str) -> Option<Arc<crate::backend::Backend>> {
         let route = self.listeners.get(listener)?.route.load();
-        route
-            .pool
-            .backends
-            .iter()
-            .find(|b| &*b.name == backend)
-            .map(|b| b.state.clone())
+        let found = route.pool.backends.iter().find(|b| &*b.name == backend);
+        found.cloned()
     }
 
     /// (successful, failed) health checks of a backend being probed now.

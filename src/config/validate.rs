@@ -507,6 +507,7 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{error, load};
+    use crate::config::{CheckKind, Role};
 
     #[test]
     fn semantic_errors_name_the_field_and_line() {
@@ -622,11 +623,56 @@ mod tests {
                 "test.toml:4:18: listener[0].on_marked_down: unknown variant `restart`",
                 "bad on_marked_down",
             ),
+            (
+                "[listener.health_check]\nrole = \"primary\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.role: does not apply to kind = \"tcp\" (it applies to postgres, mysql, redis)",
+                "role on tcp",
+            ),
+            (
+                "[listener.health_check]\nkind = \"postgres\"\npath = \"/x\"\nuser = \"u\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:8: listener[0].health_check.path: does not apply to kind = \"postgres\"",
+                "path on postgres",
+            ),
+            (
+                "[listener.health_check]\nkind = \"none\"\nport = 8008\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:8: listener[0].health_check.port: does not apply to kind = \"none\"",
+                "port on none",
+            ),
+            (
+                "[listener.health_check]\nkind = \"postgres\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "listener[0].health_check.user: kind = \"postgres\" needs `user`",
+                "postgres without user",
+            ),
+            (
+                "[listener.health_check]\nkind = \"mysql\"\nrole = \"primary\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:8: listener[0].health_check.role: needs `user`",
+                "mysql role without user",
+            ),
+            (
+                "[listener.health_check]\nkind = \"http\"\npath = \"primary\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:8: listener[0].health_check.path: `primary` must start with `/`",
+                "relative path",
+            ),
+            (
+                "[listener.health_check]\nkind = \"redis\"\npassword_file = \"/nonexistent/check.pass\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:6:17: listener[0].health_check.password_file: cannot read password file /nonexistent/check.pass",
+                "unreadable password file",
+            ),
+            (
+                "[listener.health_check]\nkind = \"ldap\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.kind: unknown variant `ldap`",
+                "unknown kind",
+            ),
+            (
+                "[listener.health_check]\nport = 0\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:8: listener[0].health_check.port: must be 1..=65535",
+                "port 0",
+            ),
         ];
         for (tail, want, what) in cases {
             let e = error(&format!("{base}{tail}"));
             assert!(
-                e.starts_with(want),
+                e.starts_with(want) || (!want.starts_with("test.toml") && e.contains(want)),
                 "{what}: got {e:?}, want prefix {want:?}"
             );
         }
@@ -667,6 +713,29 @@ mod tests {
             .replace("name = \"a\"", "name = \"b\"")
             .replace("127.0.0.1:1", "127.0.0.1:2");
         assert!(load(&format!("{wildcard}{other_port}")).is_ok());
+    }
+
+    #[test]
+    fn check_kinds_take_their_fields_and_the_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("check.pass");
+        std::fs::write(&pass, " s3cret \n").unwrap();
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[listener.health_check]\nkind = \"postgres\"\nport = 8008\nrole = \"replica\"\nuser = \"probe\"\ndatabase = \"app\"\npassword_file = \"{}\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+            pass.display()
+        );
+        let c = load(&text).unwrap();
+        let h = &c.listeners[0].health_check;
+        assert_eq!(h.kind, CheckKind::Postgres);
+        assert_eq!((h.port, h.role), (Some(8008), Role::Replica));
+        assert_eq!((h.user.as_deref(), h.database.as_deref()), (Some("probe"), Some("app")));
+        let secret = h.password.as_ref().unwrap();
+        // One trailing newline goes; spaces are part of the password.
+        assert_eq!(secret.expose(), " s3cret ");
+        assert!(!format!("{h:?}").contains("s3cret"));
+        let plain = load("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[listener.health_check]\nkind = \"http\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n").unwrap();
+        let h = &plain.listeners[0].health_check;
+        assert_eq!((h.kind, h.path.as_str(), h.role), (CheckKind::Http, "/", Role::Any));
     }
 
     #[test]
