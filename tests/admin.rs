@@ -378,6 +378,8 @@ async fn status_reflects_live_state_and_readyz_turns_503_on_shutdown() {
     assert_eq!(held_on["admin_state"], "ready");
     assert_eq!(held_on["weight"], 1);
     assert_eq!(held_on["backup"], false);
+    assert_eq!(held_on["check_kind"], "tcp");
+    assert_eq!(held_on["role"], serde_json::Value::Null, "tcp reads no role");
 
     // Kill b: the status shows it down.
     drop(b_);
@@ -388,7 +390,9 @@ async fn status_reflects_live_state_and_readyz_turns_503_on_shutdown() {
         // Health flips first, the pool is rebuilt right after.
         if backend(&doc, "b")["health"] == "down" && backend(&doc, "b")["in_rotation"] == false {
             assert_eq!(backend(&doc, "b")["in_rotation"], false);
+            assert_eq!(backend(&doc, "b")["check_reason"], "connection refused");
             assert_eq!(backend(&doc, "a")["health"], "up");
+            assert_eq!(backend(&doc, "a")["check_reason"], serde_json::Value::Null);
             break;
         }
         assert!(start.elapsed() < DEADLINE, "b never shown down");

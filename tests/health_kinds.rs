@@ -111,9 +111,12 @@ async fn http_check_follows_the_endpoint_while_the_service_port_stays_open() {
     wait_for("both down on 503", || !a_state.is_up() && !b_state.is_up()).await;
     assert_eq!(server.check_reason("l", "a").as_deref(), Some("HTTP 503"));
     // The service ports never closed: only the endpoint said no.
-    let refused = tokio::net::TcpStream::connect(a.addr).await;
-    assert!(refused.is_ok(), "a's service port is open");
-    assert!(server.in_rotation("l").unwrap().is_empty());
+    let open = tokio::net::TcpStream::connect(a.addr).await;
+    assert!(open.is_ok(), "a's service port is open");
+    wait_for("out of rotation", || {
+        server.in_rotation("l").unwrap().is_empty()
+    })
+    .await;
 
     endpoint.status.store(302, Ordering::SeqCst);
     wait_for("up again on 3xx", || a_state.is_up() && b_state.is_up()).await;
@@ -147,7 +150,11 @@ async fn kind_none_never_probes_and_keeps_a_backend_up() {
     assert_eq!(counts, HashMap::from([("a".into(), 10)]));
     let dead_state = server.backend_state("l", "dead").unwrap();
     assert!(dead_state.is_up(), "kind = none: always up");
-    assert_eq!(dead_state.connect_errors(), 5, "every other connect was retried");
+    assert_eq!(
+        dead_state.connect_errors(),
+        5,
+        "every other connect was retried"
+    );
     assert_eq!(server.checks("l", "dead"), None, "no probe runs");
     assert_eq!(a.accepted(), 10, "no probe connections either");
 }
