@@ -379,7 +379,11 @@ async fn status_reflects_live_state_and_readyz_turns_503_on_shutdown() {
     assert_eq!(held_on["weight"], 1);
     assert_eq!(held_on["backup"], false);
     assert_eq!(held_on["check_kind"], "tcp");
-    assert_eq!(held_on["role"], serde_json::Value::Null, "tcp reads no role");
+    assert_eq!(
+        held_on["role"],
+        serde_json::Value::Null,
+        "tcp reads no role"
+    );
 
     // Kill b: the status shows it down.
     drop(b_);

@@ -409,13 +409,19 @@ impl Config {
             );
         }
         for l in &self.listeners {
+            let h = &l.health_check;
+            let role = match h.role {
+                Role::Any => String::new(),
+                role => format!(", role {}", role.as_str()),
+            };
             let _ = writeln!(
                 s,
-                "listener {} on {} ({}, {}): {} backend(s)",
+                "listener {} on {} ({}, {}, {} check{role}): {} backend(s)",
                 l.name,
                 l.bind,
                 l.mode.as_str(),
                 l.algorithm.as_str(),
+                h.kind.as_str(),
                 l.backends.len()
             );
             for b in &l.backends {
