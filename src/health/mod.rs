@@ -263,6 +263,27 @@ mod tests {
         assert_eq!(Failure::io(&other).to_string(), "boom");
     }
 
+    #[test]
+    fn a_server_of_the_other_role_fails_like_a_dead_one() {
+        let seen = |role| Ok(Outcome { role: Some(role) });
+        assert!(judge(seen(Role::Replica), Role::Any).is_ok());
+        assert!(judge(seen(Role::Primary), Role::Primary).is_ok());
+        assert_eq!(
+            judge(seen(Role::Replica), Role::Primary),
+            Err(Failure("role is replica".into()))
+        );
+        assert_eq!(
+            judge(seen(Role::Primary), Role::Replica),
+            Err(Failure("role is primary".into()))
+        );
+        assert_eq!(
+            judge(Ok(Outcome::default()), Role::Primary),
+            Err(Failure("role unknown".into()))
+        );
+        let down = Err(Failure("connection refused".into()));
+        assert_eq!(judge(down.clone(), Role::Primary), down);
+    }
+
     fn settings(interval_ms: u64) -> HealthCheck {
         HealthCheck {
             interval: Duration::from_millis(interval_ms),
