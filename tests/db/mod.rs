@@ -347,14 +347,40 @@ pub struct Postgres {
     pub dir: tempfile::TempDir,
 }
 
+/// What a cluster starts with beyond the defaults of [`Postgres::start`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PgSetup<'a> {
+    /// `name=value` server settings, given after the defaults (so they win).
+    pub settings: &'a [&'a str],
+    /// pg_hba.conf lines put before initdb's `trust` ones (the first line
+    /// that matches a connection decides its authentication).
+    pub hba: &'a [&'a str],
+}
+
+/// The log line of a primary that is up.
+const PRIMARY_READY: &str = "database system is ready to accept connections";
+/// The log line of a hot standby that is up.
+const STANDBY_READY: &str = "database system is ready to accept read-only connections";
+
+/// A temp dir the PostgreSQL account owns.
+fn pg_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("sy-pg-").tempdir().unwrap();
+    if let Some((uid, gid)) = pg_account() {
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+    }
+    dir
+}
+
 impl Postgres {
     /// initdb a new cluster in a temp dir and start it; returns once it
     /// accepts connections.
     pub fn start() -> Postgres {
-        let dir = tempfile::Builder::new().prefix("sy-pg-").tempdir().unwrap();
-        if let Some((uid, gid)) = pg_account() {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
-        }
+        Postgres::start_with(PgSetup::default())
+    }
+
+    /// Same, with extra settings and pg_hba.conf lines.
+    pub fn start_with(setup: PgSetup<'_>) -> Postgres {
+        let dir = pg_dir();
         let data = dir.path().join("data");
         let mut initdb = as_pg_user(&pg_tool("initdb"), dir.path());
         initdb.arg("-D").arg(&data).args([
@@ -367,7 +393,53 @@ impl Postgres {
             "--no-instructions",
         ]);
         run_ok(initdb, START_DEADLINE);
+        if !setup.hba.is_empty() {
+            // Rewriting the file in place keeps its owner and mode.
+            let hba = data.join("pg_hba.conf");
+            let initdb_lines = std::fs::read_to_string(&hba).unwrap();
+            std::fs::write(&hba, setup.hba.join("\n") + "\n" + &initdb_lines).unwrap();
+        }
+        Postgres::launch(dir, setup.settings, PRIMARY_READY)
+    }
 
+    /// A streaming hot standby of this cluster: a base backup taken with
+    /// `pg_basebackup -R` (which configures the replication) and started
+    /// with `settings`; returns once it accepts read-only connections.
+    pub fn standby(&self, settings: &[&str]) -> Postgres {
+        let dir = pg_dir();
+        let mut backup = as_pg_user(&pg_tool("pg_basebackup"), dir.path());
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                PG_USER,
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync"]);
+        run_ok(backup, START_DEADLINE);
+        Postgres::launch(dir, settings, STANDBY_READY)
+    }
+
+    /// Promote a standby to primary (`pg_ctl promote`); returns once it
+    /// takes writes.
+    pub fn promote(&self) {
+        let mut promote = as_pg_user(&pg_tool("pg_ctl"), self.dir.path());
+        promote
+            .arg("promote")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-t", "60"]);
+        run_ok(promote, START_DEADLINE);
+    }
+
+    /// Start the server on the data directory in `dir` and wait for its
+    /// `ready` log line.
+    fn launch(dir: tempfile::TempDir, settings: &[&str], ready: &'static str) -> Postgres {
+        let data = dir.path().join("data");
         let port = free_port();
         let mut cmd = as_pg_user(&pg_tool("postgres"), dir.path());
         cmd.arg("-D")
@@ -383,11 +455,14 @@ impl Postgres {
             .args(["-c", "shared_buffers=16MB"])
             .args(["-c", "max_connections=100"])
             .args(["-c", "logging_collector=off"]);
+        for setting in settings {
+            cmd.args(["-c", setting]);
+        }
         let child = start_server(
             "postgres",
             &mut cmd,
             &dir.path().join("postgres.log"),
-            "database system is ready to accept connections",
+            ready,
             || {
                 let mut probe = pg_client("pg_isready");
                 probe.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "5"]);
@@ -488,6 +563,59 @@ fn children_of(ppid: u32) -> Vec<u32> {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A session held open on a cluster, as [`PG_USER`] (trust): it takes one
+/// of the server's connection slots until dropped, when it says goodbye
+/// with Terminate.
+pub struct HeldSession(std::net::TcpStream);
+
+impl HeldSession {
+    /// Log in on `port` and read up to ReadyForQuery. A server with no free
+    /// slot yet (one whose previous session is still exiting) is asked
+    /// again until [`START_DEADLINE`]; any other error fails the test.
+    pub fn open(port: u16) -> HeldSession {
+        use std::io::Write;
+        let start = Instant::now();
+        loop {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let params = format!("user\0{PG_USER}\0database\0{PG_DB}\0\0");
+            let mut startup = ((params.len() + 8) as i32).to_be_bytes().to_vec();
+            startup.extend(196_608i32.to_be_bytes()); // protocol 3.0
+            startup.extend(params.as_bytes());
+            stream.write_all(&startup).unwrap();
+            loop {
+                let mut header = [0u8; 5];
+                std::io::Read::read_exact(&mut stream, &mut header).unwrap();
+                let len = i32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+                let mut body = vec![0; len - 4];
+                std::io::Read::read_exact(&mut stream, &mut body).unwrap();
+                match header[0] {
+                    b'Z' => return HeldSession(stream),
+                    b'E' => {
+                        let text = String::from_utf8_lossy(&body).replace('\0', " ");
+                        assert!(
+                            text.contains("too many clients") && start.elapsed() < START_DEADLINE,
+                            "cannot hold a session on port {port}: {text}"
+                        );
+                        break; // the server closes; try again
+                    }
+                    _ => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HeldSession {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = self.0.write_all(&[b'X', 0, 0, 0, 4]);
     }
 }
 
