@@ -67,10 +67,14 @@ fn postgres_check(dir: &Path, user: &str, password: Option<&str>, more: &str) ->
 
 /// What a backend's last check said: (reason, role).
 fn report(server: &Server, listener: &str, backend: &str) -> (Option<String>, Option<Role>) {
-    let r = server
-        .health_report(listener, backend)
-        .unwrap_or_else(|| panic!("no backend {listener}/{backend}"));
-    (r.reason(), r.role())
+    assert!(
+        server.backend_state(listener, backend).is_some(),
+        "no backend {listener}/{backend}"
+    );
+    (
+        server.check_reason(listener, backend),
+        server.role(listener, backend),
+    )
 }
 
 fn rotation(server: &Server, listener: &str) -> Vec<String> {
