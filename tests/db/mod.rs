@@ -80,8 +80,9 @@ impl Run {
             .unwrap()
     }
 
-    /// Clients pgbench gave up on ("client N aborted ..."): pgbench 15
-    /// aborts a client at its first connection or SQL error, and then exits
+    /// Clients pgbench gave up on ("client N aborted ..." after a failed
+    /// connection, "client N script M aborted in command ..." after an SQL
+    /// error): pgbench 15 aborts a client at its first error, and then exits
     /// 2 ("Run was aborted; the above results are incomplete.").
     pub fn aborted_clients(&self) -> usize {
         self.stderr
@@ -91,8 +92,15 @@ impl Run {
                     return false;
                 };
                 let mut words = rest.split_whitespace();
-                words.next().is_some_and(|n| n.parse::<u32>().is_ok())
-                    && words.next() == Some("aborted")
+                let number = |w: Option<&str>| w.is_some_and(|n| n.parse::<u32>().is_ok());
+                if !number(words.next()) {
+                    return false;
+                }
+                match words.next() {
+                    Some("aborted") => true,
+                    Some("script") => number(words.next()) && words.next() == Some("aborted"),
+                    _ => false,
+                }
             })
             .count()
     }
