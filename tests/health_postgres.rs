@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::*;
 use db::{HeldSession, PgSetup, Postgres, psql};
 use switchyard::config::Role;
-use switchyard::server::Server;
 use tokio::task::block_in_place;
 use tokio::time::Instant;
 
@@ -63,62 +62,6 @@ fn postgres_check(dir: &Path, user: &str, password: Option<&str>, more: &str) ->
         s += &format!("password_file = \"{}\"\n", file.display());
     }
     s
-}
-
-/// What a backend's last check said: (reason, role).
-fn report(server: &Server, listener: &str, backend: &str) -> (Option<String>, Option<Role>) {
-    assert!(
-        server.backend_state(listener, backend).is_some(),
-        "no backend {listener}/{backend}"
-    );
-    (
-        server.check_reason(listener, backend),
-        server.role(listener, backend),
-    )
-}
-
-fn rotation(server: &Server, listener: &str) -> Vec<String> {
-    let mut names: Vec<String> = server
-        .in_rotation(listener)
-        .unwrap()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Wait until the listener's pool offers exactly these backends (the
-/// backend-set owner republishes it just after a flip).
-async fn wait_rotation(server: &Server, listener: &str, names: &[&str]) {
-    wait_for(&format!("{listener}: rotation {names:?}"), || {
-        rotation(server, listener) == names
-    })
-    .await;
-}
-
-/// Wait until a backend's last check said exactly this (or fail after
-/// `DEADLINE`, showing what it said last).
-async fn wait_report(
-    server: &Server,
-    listener: &str,
-    backend: &str,
-    want: (Option<&str>, Option<Role>),
-) {
-    let start = Instant::now();
-    let mut poll = tokio::time::interval(Duration::from_millis(5));
-    loop {
-        let (reason, role) = report(server, listener, backend);
-        if (reason.as_deref(), role) == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{listener}/{backend}: waited for {want:?}, last {:?}",
-            (reason, role)
-        );
-        poll.tick().await;
-    }
 }
 
 /// Neither log holds what a session cut short leaves: a probe always

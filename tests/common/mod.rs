@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use switchyard::config;
+use switchyard::config::Role;
 use switchyard::server::Server;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -664,4 +665,60 @@ fn field(line: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
         + pat.len();
     line[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+/// What a backend's last check said: (reason, role).
+pub fn report(server: &Server, listener: &str, backend: &str) -> (Option<String>, Option<Role>) {
+    assert!(
+        server.backend_state(listener, backend).is_some(),
+        "no backend {listener}/{backend}"
+    );
+    (
+        server.check_reason(listener, backend),
+        server.role(listener, backend),
+    )
+}
+
+pub fn rotation(server: &Server, listener: &str) -> Vec<String> {
+    let mut names: Vec<String> = server
+        .in_rotation(listener)
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Wait until the listener's pool offers exactly these backends (the
+/// backend-set owner republishes it just after a flip).
+pub async fn wait_rotation(server: &Server, listener: &str, names: &[&str]) {
+    wait_for(&format!("{listener}: rotation {names:?}"), || {
+        rotation(server, listener) == names
+    })
+    .await;
+}
+
+/// Wait until a backend's last check said exactly this (or fail after
+/// `DEADLINE`, showing what it said last).
+pub async fn wait_report(
+    server: &Server,
+    listener: &str,
+    backend: &str,
+    want: (Option<&str>, Option<Role>),
+) {
+    let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        let (reason, role) = report(server, listener, backend);
+        if (reason.as_deref(), role) == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{listener}/{backend}: waited for {want:?}, last {:?}",
+            (reason, role)
+        );
+        poll.tick().await;
+    }
 }

@@ -661,10 +661,18 @@ pub struct Redis {
     pub addr: SocketAddr,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
+    /// `requirepass`, when the server has one: `cli` logs in with it.
+    password: Option<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(&[], None)
+    }
+
+    /// A server with extra `redis-server` arguments (`--replicaof`, …) and,
+    /// with `password`, `--requirepass` and `--masterauth` set to it.
+    pub fn start_with(extra: &[&str], password: Option<&str>) -> Redis {
         let server = on_path("redis-server");
         on_path("redis-cli");
         let dir = tempfile::Builder::new()
@@ -681,14 +689,20 @@ impl Redis {
             .args(["--logfile", ""])
             .arg("--dir")
             .arg(dir.path())
+            .args(extra)
             .current_dir(dir.path());
+        if let Some(pw) = password {
+            cmd.args(["--requirepass", pw, "--masterauth", pw]);
+        }
+        let auth = auth_args(password);
         let child = start_server(
             "redis-server",
             &mut cmd,
             &dir.path().join("redis.log"),
             "Ready to accept connections",
             || {
-                let r = run(redis_cli_cmd(port, &["ping"]), Duration::from_secs(10));
+                let args = [auth.as_slice(), &["ping"]].concat();
+                let r = run(redis_cli_cmd(port, &args), Duration::from_secs(10));
                 r.status.success() && r.stdout.trim() == "PONG"
             },
         );
@@ -697,6 +711,7 @@ impl Redis {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
             dir,
+            password: password.map(str::to_owned),
         }
     }
 
@@ -704,9 +719,11 @@ impl Redis {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    /// redis-cli against this server directly; its stdout, trimmed.
+    /// redis-cli against this server directly (logged in when it has a
+    /// password); its stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        redis_cli(self.port, args)
+        let auth = auth_args(self.password.as_deref());
+        redis_cli(self.port, &[auth.as_slice(), args].concat())
     }
 
     pub fn stop(&mut self) {
@@ -720,6 +737,14 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// redis-cli's arguments to log in with `password`, if any.
+pub fn auth_args(password: Option<&str>) -> Vec<&str> {
+    match password {
+        Some(pw) => vec!["-a", pw, "--no-auth-warning"],
+        None => Vec::new(),
     }
 }
 
