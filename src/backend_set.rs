@@ -269,7 +269,12 @@ impl Owner {
 
     /// A member for `backend` with a probe of its own, fresh (its first
     /// check comes soon); none with `kind = "none"`, where it is always up.
-    fn member_for(&mut self, config: &ListenerConfig, index: usize, backend: Arc<Backend>) -> Member {
+    fn member_for(
+        &mut self,
+        config: &ListenerConfig,
+        index: usize,
+        backend: Arc<Backend>,
+    ) -> Member {
         self.next_probe += 1;
         let id = self.next_probe;
         let settings = &config.health_check;

@@ -261,10 +261,7 @@ fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldE
     if let Some(path) = &h.path
         && !path.starts_with('/')
     {
-        return Err(err(
-            at.key("path"),
-            format!("`{path}` must start with `/`"),
-        ));
+        return Err(err(at.key("path"), format!("`{path}` must start with `/`")));
     }
     let password = match &h.password_file {
         None => None,
@@ -290,11 +287,19 @@ fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldE
 fn check_kind_fields(h: &RawHealthCheck, at: &FieldPath) -> Result<(), FieldError> {
     use CheckKind::*;
     let given: [(&'static str, bool, &[CheckKind]); 6] = [
-        ("port", h.port.is_some(), &[Tcp, Http, Postgres, Mysql, Redis]),
+        (
+            "port",
+            h.port.is_some(),
+            &[Tcp, Http, Postgres, Mysql, Redis],
+        ),
         ("role", h.role.is_some(), &[Postgres, Mysql, Redis]),
         ("user", h.user.is_some(), &[Postgres, Mysql, Redis]),
         ("database", h.database.is_some(), &[Postgres]),
-        ("password_file", h.password_file.is_some(), &[Postgres, Mysql, Redis]),
+        (
+            "password_file",
+            h.password_file.is_some(),
+            &[Postgres, Mysql, Redis],
+        ),
         ("path", h.path.is_some(), &[Http]),
     ];
     for (key, set, kinds) in given {

@@ -34,7 +34,9 @@ impl HttpProbe {
 impl Probe for HttpProbe {
     fn check(&self, addr: SocketAddr) -> ProbeFuture<'_> {
         Box::pin(async move {
-            let stream = TcpStream::connect(addr).await.map_err(|e| Failure::io(&e))?;
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| Failure::io(&e))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| Failure(format!("HTTP: {e}")))?;
