@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::backend::BackendState;
 use crate::backend_set::BackendSet;
 use crate::config::Config;
+use crate::health::HealthReport;
 use crate::metrics::Metrics;
 use crate::proxy::{Bound, ConnContext, Frontend, Route};
 use crate::registry::Registry;
@@ -251,6 +252,14 @@ impl Server {
             .iter()
             .find(|b| &*b.name == backend)
             .map(|b| b.state.clone())
+    }
+
+    /// What the last health check of a backend said: its `reason()` for
+    /// failing (`None` after a success) and the `role()` it read.
+    pub fn health_report(&self, listener: &str, backend: &str) -> Option<Arc<HealthReport>> {
+        let route = self.listeners.get(listener)?.route.load();
+        let b = route.pool.backends.iter().find(|b| &*b.name == backend)?;
+        Some(b.health.clone())
     }
 
     /// (successful, failed) health checks of a backend being probed now.

@@ -665,3 +665,59 @@ fn field(line: &str, key: &str) -> String {
         + pat.len();
     line[start..].split_whitespace().next().unwrap().to_owned()
 }
+
+/// What a backend's last health check said: (reason, role).
+pub fn report(
+    server: &Server,
+    listener: &str,
+    backend: &str,
+) -> (Option<String>, Option<config::Role>) {
+    let r = server
+        .health_report(listener, backend)
+        .unwrap_or_else(|| panic!("no backend {listener}/{backend}"));
+    (r.reason(), r.role())
+}
+
+/// Wait until a backend's last check said exactly this (or fail after
+/// `DEADLINE`, showing what it said last).
+pub async fn wait_report(
+    server: &Server,
+    listener: &str,
+    backend: &str,
+    want: (Option<&str>, Option<config::Role>),
+) {
+    let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        let (reason, role) = report(server, listener, backend);
+        if (reason.as_deref(), role) == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{listener}/{backend}: waited for {want:?}, last {:?}",
+            (reason, role)
+        );
+        poll.tick().await;
+    }
+}
+
+/// The backends a listener's pool offers now, sorted.
+pub fn rotation(server: &Server, listener: &str) -> Vec<String> {
+    let mut names: Vec<String> = server
+        .in_rotation(listener)
+        .unwrap_or_else(|| panic!("no listener {listener}"))
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Wait until the listener's pool offers exactly these backends (sorted).
+pub async fn wait_rotation(server: &Server, listener: &str, names: &[&str]) {
+    wait_for(&format!("{listener}: rotation {names:?}"), || {
+        rotation(server, listener) == names
+    })
+    .await;
+}

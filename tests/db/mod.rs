@@ -523,12 +523,20 @@ pub fn pgbench(args: &[&str], limit: Duration) -> Run {
 pub struct Redis {
     pub port: u16,
     pub addr: SocketAddr,
+    /// Its `requirepass`, which [`Redis::cli`] logs in with.
+    pub password: Option<String>,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(None, &[])
+    }
+
+    /// Same, with `requirepass` when `password` is set, and further
+    /// `redis-server` arguments (`--replicaof`, `--masterauth`, …).
+    pub fn start_with(password: Option<&str>, args: &[&str]) -> Redis {
         let server = on_path("redis-server");
         on_path("redis-cli");
         let dir = tempfile::Builder::new()
@@ -546,19 +554,27 @@ impl Redis {
             .arg("--dir")
             .arg(dir.path())
             .current_dir(dir.path());
+        if let Some(password) = password {
+            cmd.args(["--requirepass", password]);
+        }
+        cmd.args(args);
         let child = start_server(
             "redis-server",
             &mut cmd,
             &dir.path().join("redis.log"),
             "Ready to accept connections",
             || {
-                let r = run(redis_cli_cmd(port, &["ping"]), Duration::from_secs(10));
+                let r = run(
+                    redis_cli_cmd(port, password, &["ping"]),
+                    Duration::from_secs(10),
+                );
                 r.status.success() && r.stdout.trim() == "PONG"
             },
         );
         Redis {
             port,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            password: password.map(str::to_owned),
             child: Some(child),
             dir,
         }
@@ -568,9 +584,10 @@ impl Redis {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    /// redis-cli against this server directly; its stdout, trimmed.
+    /// redis-cli against this server directly (logged in with its
+    /// password, if it has one); its stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        redis_cli(self.port, args)
+        redis_cli_as(self.port, self.password.as_deref(), args)
     }
 
     pub fn stop(&mut self) {
@@ -587,17 +604,27 @@ impl Drop for Redis {
     }
 }
 
-fn redis_cli_cmd(port: u16, args: &[&str]) -> Command {
+/// redis-cli on `port`, logged in with `password` (through the
+/// environment, so no warning about a password on the command line).
+fn redis_cli_cmd(port: u16, password: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new(on_path("redis-cli"));
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .env_remove("REDISCLI_AUTH");
+    if let Some(password) = password {
+        cmd.env("REDISCLI_AUTH", password);
+    }
     cmd
 }
 
 /// redis-cli against any port; must succeed; stdout trimmed.
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
-    run_ok(redis_cli_cmd(port, args), Duration::from_secs(30))
+    redis_cli_as(port, None, args)
+}
+
+/// Same, logged in with `password`.
+pub fn redis_cli_as(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    run_ok(redis_cli_cmd(port, password, args), Duration::from_secs(30))
         .trim()
         .to_owned()
 }
@@ -608,3 +635,4 @@ pub fn redis_benchmark(args: &[&str], limit: Duration) -> Run {
     cmd.args(args);
     run(cmd, limit)
 }
+
