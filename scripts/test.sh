@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
 # packages, only those missing: promtool, systemd-analyze, curl, PostgreSQL,
-# Redis), then runs every test. The database tests start their own servers
+# Redis, MariaDB), then runs every test. The database tests start their own servers
 # on loopback in temporary directories; no system service is used.
 # Used as-is by .ci/run.
 set -euo pipefail
@@ -22,6 +22,9 @@ done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+# mariadbd lives in /usr/sbin, which a non-root PATH may lack.
+{ [ -x /usr/sbin/mariadbd ] && command -v mariadb-install-db >/dev/null 2>&1 &&
+  command -v mariadb >/dev/null 2>&1; } || missing+=(mariadb-server)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""

@@ -82,14 +82,6 @@ impl Secret {
     }
 }
 
-#[cfg(test)]
-impl Secret {
-    /// A secret made in a unit test.
-    pub(crate) fn from_test(secret: &str) -> Secret {
-        Secret(secret.to_owned())
-    }
-}
-
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")

@@ -76,6 +76,10 @@ pub trait Probe: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure(pub String);
 
+/// The longest server text kept in a check's reason: the status page and
+/// the "backend down" log line show it on one line.
+pub const MAX_REASON: usize = 300;
+
 impl Failure {
     /// A socket error: the short name of its kind where it has one
     /// ("connection refused"), else the error's own text.
@@ -86,6 +90,21 @@ impl Failure {
             | HostUnreachable | NetworkUnreachable | AddrNotAvailable) => Failure(kind.to_string()),
             _ => Failure(e.to_string()),
         }
+    }
+
+    /// A failure in the server's own words, made fit for one line: control
+    /// characters become spaces, and past [`MAX_REASON`] characters an
+    /// ellipsis marks the cut (a server's error text is not ours to trust).
+    pub fn server(text: &str) -> Failure {
+        let flat: String = text
+            .trim()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        Failure(match flat.char_indices().nth(MAX_REASON) {
+            Some((cut, _)) => format!("{}…", &flat[..cut]),
+            None => flat,
+        })
     }
 }
 
@@ -118,6 +137,27 @@ pub fn judge(result: Result<Outcome, Failure>, wanted: Role) -> Result<Outcome, 
         (_, Some(seen)) => Err(Failure(format!("role is {}", seen.as_str()))),
         (_, None) => Err(Failure("role unknown".into())),
     }
+}
+
+/// The settings a config file with these `[listener.health_check]` lines
+/// gives, `password` read from a `password_file` as the daemon reads it.
+#[cfg(test)]
+pub(crate) fn settings_from(lines: &str, password: Option<&str>) -> HealthCheck {
+    let dir = tempfile::tempdir().unwrap();
+    let mut check = lines.to_owned();
+    if let Some(password) = password {
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        check += &format!("\npassword_file = \"{}\"\n", file.display());
+    }
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\n\
+         [listener.health_check]\n{check}\n\
+         [[listener.backend]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\n"
+    );
+    let config = crate::config::load_str(&toml, std::path::Path::new("test.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    config.listeners[0].health_check.clone()
 }
 
 /// What a probe task checks, and names in its log lines.
@@ -282,6 +322,17 @@ mod tests {
         );
         let down = Err(Failure("connection refused".into()));
         assert_eq!(judge(down.clone(), Role::Primary), down);
+    }
+
+    #[test]
+    fn server_words_are_kept_on_one_bounded_line() {
+        assert_eq!(
+            Failure::server(" ERR bad\r\nthing\t ").to_string(),
+            "ERR bad  thing"
+        );
+        let long = "é".repeat(MAX_REASON + 5);
+        let cut = Failure::server(&long).0;
+        assert_eq!(cut, format!("{}…", "é".repeat(MAX_REASON)));
     }
 
     fn settings(interval_ms: u64) -> HealthCheck {

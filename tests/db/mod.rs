@@ -1,14 +1,15 @@
-//! Real database servers for the end-to-end tests: PostgreSQL clusters and
-//! Redis servers started by the test itself on loopback, each on a free port
-//! picked at run time and in a temporary directory of its own, and stopped
-//! when the handle is dropped (also when the test panics). Plus runners for
-//! `psql`, `pgbench`, `redis-cli` and `redis-benchmark` that never wait
-//! forever.
+//! Real database servers for the end-to-end tests: PostgreSQL clusters,
+//! Redis and MariaDB servers started by the test itself on loopback, each on
+//! a free port picked at run time and in a temporary directory of its own,
+//! and stopped when the handle is dropped (also when the test panics). Plus
+//! runners for `psql`, `pgbench`, `redis-cli`, `redis-benchmark` and
+//! `mariadb` that never wait forever.
 //!
 //! Needs the Debian packages `postgresql` (server, `psql`, `pgbench`,
-//! `pg_isready`) and `redis-server` (with `redis-tools`: `redis-cli`,
-//! `redis-benchmark`); `scripts/test.sh` installs them. A missing binary is
-//! a test failure, never a skip.
+//! `pg_isready`), `redis-server` (with `redis-tools`: `redis-cli`,
+//! `redis-benchmark`) and `mariadb-server` (`mariadbd`,
+//! `mariadb-install-db`, the `mariadb` client); `scripts/test.sh` installs
+//! them. A missing binary is a test failure, never a skip.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -18,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const INSTALL_HINT: &str = "run `bash scripts/test.sh`, which installs postgresql and redis-server";
+const INSTALL_HINT: &str =
+    "run `bash scripts/test.sh`, which installs postgresql, redis-server and mariadb-server";
 
 /// How long a server may take to initialise and come up. Generous: initdb
 /// on a small shared CI machine takes seconds.
@@ -659,20 +661,20 @@ pub fn pgbench(args: &[&str], limit: Duration) -> Run {
 pub struct Redis {
     pub port: u16,
     pub addr: SocketAddr,
+    /// Its `requirepass`, which [`Redis::cli`] logs in with.
+    pub password: Option<String>,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
-    /// `requirepass`, when the server has one: `cli` logs in with it.
-    password: Option<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        Self::start_with(&[], None)
+        Redis::start_with(None, &[])
     }
 
-    /// A server with extra `redis-server` arguments (`--replicaof`, …) and,
-    /// with `password`, `--requirepass` and `--masterauth` set to it.
-    pub fn start_with(extra: &[&str], password: Option<&str>) -> Redis {
+    /// Same, with `requirepass` when `password` is set, and further
+    /// `redis-server` arguments (`--replicaof`, `--masterauth`, …).
+    pub fn start_with(password: Option<&str>, args: &[&str]) -> Redis {
         let server = on_path("redis-server");
         on_path("redis-cli");
         let dir = tempfile::Builder::new()
@@ -689,29 +691,30 @@ impl Redis {
             .args(["--logfile", ""])
             .arg("--dir")
             .arg(dir.path())
-            .args(extra)
             .current_dir(dir.path());
-        if let Some(pw) = password {
-            cmd.args(["--requirepass", pw, "--masterauth", pw]);
+        if let Some(password) = password {
+            cmd.args(["--requirepass", password]);
         }
-        let auth = auth_args(password);
+        cmd.args(args);
         let child = start_server(
             "redis-server",
             &mut cmd,
             &dir.path().join("redis.log"),
             "Ready to accept connections",
             || {
-                let args = [auth.as_slice(), &["ping"]].concat();
-                let r = run(redis_cli_cmd(port, &args), Duration::from_secs(10));
+                let r = run(
+                    redis_cli_cmd(port, password, &["ping"]),
+                    Duration::from_secs(10),
+                );
                 r.status.success() && r.stdout.trim() == "PONG"
             },
         );
         Redis {
             port,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            password: password.map(str::to_owned),
             child: Some(child),
             dir,
-            password: password.map(str::to_owned),
         }
     }
 
@@ -719,11 +722,10 @@ impl Redis {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    /// redis-cli against this server directly (logged in when it has a
-    /// password); its stdout, trimmed.
+    /// redis-cli against this server directly (logged in with its
+    /// password, if it has one); its stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let auth = auth_args(self.password.as_deref());
-        redis_cli(self.port, &[auth.as_slice(), args].concat())
+        redis_cli_as(self.port, self.password.as_deref(), args)
     }
 
     pub fn stop(&mut self) {
@@ -740,25 +742,27 @@ impl Drop for Redis {
     }
 }
 
-/// redis-cli's arguments to log in with `password`, if any.
-pub fn auth_args(password: Option<&str>) -> Vec<&str> {
-    match password {
-        Some(pw) => vec!["-a", pw, "--no-auth-warning"],
-        None => Vec::new(),
-    }
-}
-
-fn redis_cli_cmd(port: u16, args: &[&str]) -> Command {
+/// redis-cli on `port`, logged in with `password` (through the
+/// environment, so no warning about a password on the command line).
+fn redis_cli_cmd(port: u16, password: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new(on_path("redis-cli"));
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .env_remove("REDISCLI_AUTH");
+    if let Some(password) = password {
+        cmd.env("REDISCLI_AUTH", password);
+    }
     cmd
 }
 
 /// redis-cli against any port; must succeed; stdout trimmed.
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
-    run_ok(redis_cli_cmd(port, args), Duration::from_secs(30))
+    redis_cli_as(port, None, args)
+}
+
+/// Same, logged in with `password`.
+pub fn redis_cli_as(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    run_ok(redis_cli_cmd(port, password, args), Duration::from_secs(30))
         .trim()
         .to_owned()
 }
@@ -768,4 +772,156 @@ pub fn redis_benchmark(args: &[&str], limit: Duration) -> Run {
     let mut cmd = Command::new(on_path("redis-benchmark"));
     cmd.args(args);
     run(cmd, limit)
+}
+
+/// A server program: from `PATH`, else from /usr/sbin (Debian puts
+/// `mariadbd` there, which a non-root `PATH` may lack).
+fn sbin(name: &str) -> PathBuf {
+    let in_sbin = Path::new("/usr/sbin").join(name);
+    if in_sbin.is_file() {
+        return in_sbin;
+    }
+    on_path(name)
+}
+
+/// A throwaway MariaDB server on 127.0.0.1:`port`, its socket and data in a
+/// temp dir. `root` logs in over the socket without a password; tests make
+/// their own accounts with [`Mariadb::sql`]. Host names are not resolved,
+/// so TCP accounts are `'user'@'127.0.0.1'` or `'user'@'%'`.
+pub struct Mariadb {
+    pub port: u16,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mariadb {
+    pub fn start() -> Mariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("sy-mariadb-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        // Temporary tables in a dir of its own: two servers bootstrapping
+        // at once in the shared /tmp trip over each other's files.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        // As root, mariadbd wants to be told to stay root (it would switch
+        // to a `mysql` account otherwise); the temp dir is ours.
+        let as_root = (euid() == 0).then_some("--user=root");
+        let mut install = Command::new(on_path("mariadb-install-db"));
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .args(as_root)
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .env("TMPDIR", &tmp);
+        run_ok(install, START_DEADLINE);
+
+        let port = free_port();
+        let socket = dir.path().join("mysqld.sock");
+        let mut cmd = Command::new(sbin("mariadbd"));
+        // --no-defaults must come first: no /etc/mysql config applies.
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(as_root)
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.path().join("mysqld.pid").display()
+            ))
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .arg("--skip-name-resolve")
+            // Small and fast over durable: the server lives for one test.
+            .args([
+                "--innodb-buffer-pool-size=16M",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--performance-schema=OFF",
+                "--skip-log-bin",
+            ])
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .env("TMPDIR", &tmp);
+        let sock = socket.clone();
+        let child = start_server(
+            "mariadbd",
+            &mut cmd,
+            &dir.path().join("mariadbd.log"),
+            "ready for connections",
+            move || {
+                let r = run(mariadb_cmd(&sock, "SELECT 1"), Duration::from_secs(10));
+                r.status.success() && r.stdout.trim() == "1"
+            },
+        );
+        Mariadb {
+            port,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mariadbd.log")).unwrap_or_default()
+    }
+
+    /// Run `sql` as root over the socket; tab-separated rows without
+    /// column names, trimmed.
+    pub fn sql(&self, sql: &str) -> String {
+        let cmd = mariadb_cmd(&self.dir.path().join("mysqld.sock"), sql);
+        run_ok(cmd, Duration::from_secs(30)).trim().to_owned()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `mariadb` client as root over `socket`, running `sql`.
+fn mariadb_cmd(socket: &Path, sql: &str) -> Command {
+    let mut cmd = Command::new(on_path("mariadb"));
+    cmd.arg("--no-defaults")
+        .arg("--protocol=socket")
+        .arg(format!("--socket={}", socket.display()))
+        .args([
+            "--user=root",
+            "--batch",
+            "--skip-column-names",
+            "--execute",
+            sql,
+        ]);
+    cmd
+}
+
+/// The `mariadb` client over TCP on `port` (a server or the balancer in
+/// front of one) as `user` with `password`, running `sql`; must succeed;
+/// stdout trimmed.
+pub fn mariadb_tcp(port: u16, user: &str, password: &str, sql: &str) -> String {
+    let mut cmd = Command::new(on_path("mariadb"));
+    cmd.arg("--no-defaults")
+        .args(["--protocol=tcp", "--host=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--user={user}"))
+        .arg(format!("--password={password}"))
+        .args([
+            "--connect-timeout=5",
+            "--batch",
+            "--skip-column-names",
+            "--execute",
+            sql,
+        ]);
+    run_ok(cmd, Duration::from_secs(30)).trim().to_owned()
 }
