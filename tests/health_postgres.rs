@@ -301,6 +301,55 @@ async fn a_server_out_of_connection_slots_is_down_until_one_frees() {
     assert_clean_goodbyes(&[&pg]);
 }
 
+/// A server shutting down (smart mode, a session still open) accepts TCP
+/// and refuses every login: the postgres check is down with the server's
+/// words, while a tcp check of the same server stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shutting_down_is_down_for_postgres_and_up_for_tcp() {
+    let (pg, held) = block_in_place(|| {
+        let pg = Postgres::start_with(PgSetup {
+            settings: LOUD,
+            hba: &[],
+        });
+        let held = HeldSession::open(pg.port);
+        (pg, held)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let backends = [("pg", pg.addr)];
+    let server = start_server(&format!(
+        "{}{}",
+        listener(
+            "db",
+            &postgres_check(dir.path(), db::PG_USER, None, ""),
+            &backends
+        ),
+        listener("tcp", "kind = \"tcp\"\n", &backends),
+    ))
+    .await;
+    wait_report(&server, "db", "pg", (None, Some(Role::Primary))).await;
+    block_in_place(|| pg.begin_smart_shutdown());
+    wait_report(
+        &server,
+        "db",
+        "pg",
+        (
+            Some("FATAL: the database system is shutting down (57P03)"),
+            None,
+        ),
+    )
+    .await;
+    let state = server.backend_state("db", "pg").unwrap();
+    wait_for("marked down", || !state.is_up()).await;
+    let tcp_checks = server.checks("tcp", "pg").unwrap();
+    wait_for("more tcp checks", || {
+        server.checks("tcp", "pg").unwrap().0 >= tcp_checks.0 + 3
+    })
+    .await;
+    assert_eq!(server.checks("tcp", "pg").unwrap().1, 0, "tcp never failed");
+    assert!(server.backend_state("tcp", "pg").unwrap().is_up());
+    drop(held);
+}
+
 /// Each way a server may ask for a password, against a real one: trust,
 /// cleartext `password`, `md5` (an md5-stored password) and
 /// `scram-sha-256`, each proven by the server's own log line; a

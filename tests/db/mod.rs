@@ -521,6 +521,14 @@ impl Postgres {
         assert!(r.status.success(), "pgbench -i failed: {}", r.output());
     }
 
+    /// Smart shutdown (SIGTERM, `pg_ctl stop -m smart`): the server lets
+    /// open sessions finish and refuses new ones with "the database system
+    /// is shutting down" until the last has ended.
+    pub fn begin_smart_shutdown(&self) {
+        let child = self.child.as_ref().expect("running");
+        signal(child.id(), "TERM");
+    }
+
     /// Immediate shutdown (SIGQUIT, what `pg_ctl stop -m immediate` sends):
     /// the postmaster kills its backends at once, so every open session
     /// sees its connection drop, as when a database server dies. Returns
