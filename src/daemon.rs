@@ -153,33 +153,28 @@ impl Daemon {
     /// Reload and count the result.
     async fn reload(&mut self, trigger: &str) -> bool {
         service::reloading();
-        let ok = self.try_reload(trigger).await;
-        self.server.metrics().record_reload(ok);
+        let outcome = self.try_reload(trigger).await;
+        // Counted before the outcome is logged: whoever reads the log line
+        // and then scrapes sees the count that goes with it.
+        self.server.metrics().record_reload(outcome.is_ok());
+        match &outcome {
+            Ok(changes) => info!(changes, "configuration reloaded"),
+            Err(e) => error!(error = %e, "reload failed; the running configuration stays"),
+        }
         // Serving either way: the new config, or the old one kept.
         service::ready();
-        ok
+        outcome.is_ok()
     }
 
     /// Load, validate and apply the file; on any error the running config
     /// stays. A moved admin endpoint is bound before anything changes.
-    async fn try_reload(&mut self, trigger: &str) -> bool {
+    /// Returns how many changes were applied.
+    async fn try_reload(&mut self, trigger: &str) -> Result<usize, RunError> {
         info!(trigger, "reloading configuration");
-        let config = match load_off_thread(&self.path).await {
-            Ok(c) => c,
-            Err(e) => {
-                error!(error = %e, "reload failed; the running configuration stays");
-                return false;
-            }
-        };
+        let config = load_off_thread(&self.path).await?;
         let old_bind = self.server.config().admin.as_ref().map(|a| a.bind);
         let new_admin = match &config.admin {
-            Some(a) if Some(a.bind) != old_bind => match start_admin(a.bind, &self.admin_ctx) {
-                Ok(admin) => Some(admin),
-                Err(e) => {
-                    error!(error = %e, "reload failed; the running configuration stays");
-                    return false;
-                }
-            },
+            Some(a) if Some(a.bind) != old_bind => Some(start_admin(a.bind, &self.admin_ctx)?),
             _ => None,
         };
         let admin_config = config.admin.clone();
@@ -196,15 +191,13 @@ impl Daemon {
                 {
                     old.stop().await;
                 }
-                info!(changes = summary.changes.len(), "configuration reloaded");
-                true
+                Ok(summary.changes.len())
             }
             Err(e) => {
                 if let Some(unused) = new_admin {
                     unused.stop().await;
                 }
-                error!(error = %e, "reload failed; the running configuration stays");
-                false
+                Err(e.into())
             }
         }
     }
