@@ -8,10 +8,12 @@
 //! connection holds this and nothing of the pool it was scheduled from.
 //! Everything on the connection path is an atomic: no locks.
 //!
-//! This module decides nothing about health (that is `health`),
-//! HTTP (the keep-alive pool belongs to HTTP mode) or metric registration
-//! (it is handed its metric handles): it is a leaf that everything else can
-//! depend on.
+//! This module decides nothing about health (that is `health`; a
+//! `Backend` only carries the plain-data report its checks write), HTTP (the
+//! keep-alive pool belongs to HTTP mode) or metric registration (it is
+//! handed its metric handles): everything else can depend on it, and it on
+//! nothing but leaves (config types, metric handles, the check report, stop
+//! signals).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
