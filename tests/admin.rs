@@ -13,12 +13,6 @@ use tokio::task::block_in_place;
 
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
 
-async fn scrape(admin: SocketAddr) -> Scrape {
-    let (status, body) = http(admin, "GET", "/metrics", &[], "").await;
-    assert_eq!(status, 200);
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition")
-}
-
 /// The value of the one sample of `name` whose labels include `labels`.
 fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let matching: Vec<&Sample> = scrape

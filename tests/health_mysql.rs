@@ -33,24 +33,18 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// A listener named `name` with fast mysql checks (`fields` added to its
 /// `[listener.health_check]`) over `backends`.
 fn listener(name: &str, fields: &str, backends: &[(&str, SocketAddr)]) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nalgorithm = \"roundrobin\"\n\
-         [listener.health_check]\nkind = \"mysql\"\ninterval = \"{INTERVAL_MS}ms\"\n\
-         timeout = \"{TIMEOUT_MS}ms\"\nfall = {FALL}\nrise = {RISE}\n{fields}\n"
+    let check = format!(
+        "kind = \"mysql\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\
+         fall = {FALL}\nrise = {RISE}\n{fields}"
     );
-    for (backend, addr) in backends {
-        s += &format!("[[listener.backend]]\nname = \"{backend}\"\naddress = \"{addr}\"\n");
-    }
-    s
+    checked_listener(name, &check, backends)
 }
 
 /// `user` and `password_file` lines, the file written in `dir`.
 fn login(dir: &Path, name: &str, password: &str) -> String {
-    let file = dir.join(name);
-    std::fs::write(&file, format!("{password}\n")).unwrap();
     format!(
-        "user = \"{USER}\"\npassword_file = \"{}\"\n",
-        file.display()
+        "user = \"{USER}\"\n{}",
+        password_file_line(dir, name, password)
     )
 }
 

@@ -8,7 +8,7 @@ mod common;
 mod db;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -41,15 +41,11 @@ const LOUD: &[&str] = &["log_connections=on", "log_min_messages=debug1"];
 /// A listener named `name` on 127.0.0.1:0 with fast checks of `kind`
 /// (and the check fields in `fields`) over `backends`.
 fn listener(name: &str, fields: &str, backends: &[(&str, SocketAddr)]) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nalgorithm = \"roundrobin\"\n\
-         [listener.health_check]\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\
-         fall = {FALL}\nrise = {RISE}\n{fields}\n"
+    let check = format!(
+        "interval = \"{INTERVAL_MS}ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\
+         fall = {FALL}\nrise = {RISE}\n{fields}"
     );
-    for (backend, addr) in backends {
-        s += &format!("[[listener.backend]]\nname = \"{backend}\"\naddress = \"{addr}\"\n");
-    }
-    s
+    checked_listener(name, &check, backends)
 }
 
 /// Check fields for a postgres probe as `user` with `password` (if any)
@@ -57,9 +53,8 @@ fn listener(name: &str, fields: &str, backends: &[(&str, SocketAddr)]) -> String
 fn postgres_check(dir: &Path, user: &str, password: Option<&str>, more: &str) -> String {
     let mut s = format!("kind = \"postgres\"\nuser = \"{user}\"\n{more}");
     if let Some(password) = password {
-        let file: PathBuf = dir.join(format!("{user}-{}.password", password.len()));
-        std::fs::write(&file, format!("{password}\n")).unwrap();
-        s += &format!("password_file = \"{}\"\n", file.display());
+        let name = format!("{user}-{}.password", password.len());
+        s += &password_file_line(dir, &name, password);
     }
     s
 }

@@ -7,7 +7,6 @@ mod common;
 mod db;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -32,22 +31,11 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// A listener named `name` with fast redis checks (`fields` added to its
 /// `[listener.health_check]`) over `backends`.
 fn listener(name: &str, fields: &str, backends: &[(&str, SocketAddr)]) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nalgorithm = \"roundrobin\"\n\
-         [listener.health_check]\nkind = \"redis\"\ninterval = \"{INTERVAL_MS}ms\"\n\
-         timeout = \"{TIMEOUT_MS}ms\"\nfall = {FALL}\nrise = {RISE}\n{fields}\n"
+    let check = format!(
+        "kind = \"redis\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\
+         fall = {FALL}\nrise = {RISE}\n{fields}"
     );
-    for (backend, addr) in backends {
-        s += &format!("[[listener.backend]]\nname = \"{backend}\"\naddress = \"{addr}\"\n");
-    }
-    s
-}
-
-/// A `password_file` line for `password`, the file written in `dir`.
-fn password_file(dir: &Path, name: &str, password: &str) -> String {
-    let file = dir.join(name);
-    std::fs::write(&file, format!("{password}\n")).unwrap();
-    format!("password_file = \"{}\"\n", file.display())
+    checked_listener(name, &check, backends)
 }
 
 /// A server that takes `PASSWORD`; a replica of `primary` if given.
@@ -143,7 +131,7 @@ async fn primary_role_follows_a_switchover_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let fields = format!(
         "role = \"primary\"\n{}",
-        password_file(dir.path(), "redis.password", PASSWORD)
+        password_file_line(dir.path(), "redis.password", PASSWORD)
     );
     let server = start_server(&listener("l", &fields, &[("r1", r1.addr), ("r2", r2.addr)])).await;
     let proxy = server.local_addr("l").unwrap();
@@ -207,11 +195,11 @@ async fn a_wrong_password_is_down_with_the_servers_error() {
         "OK"
     );
     let dir = tempfile::tempdir().unwrap();
-    let wrong = password_file(dir.path(), "wrong", "not-the-password");
-    let right = password_file(dir.path(), "right", PASSWORD);
+    let wrong = password_file_line(dir.path(), "wrong", "not-the-password");
+    let right = password_file_line(dir.path(), "right", PASSWORD);
     let acl = format!(
         "user = \"probe\"\n{}",
-        password_file(dir.path(), "acl", "probe-pw")
+        password_file_line(dir.path(), "acl", "probe-pw")
     );
     let toml = [
         listener("wrong", &wrong, &[("r", redis.addr)]),

@@ -4,19 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 use prometheus_parse::{Scrape, Value};
 use tokio::task::block_in_place;
 
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
-
-async fn scrape(admin: SocketAddr) -> Scrape {
-    let (status, body) = http(admin, "GET", "/metrics", &[], "").await;
-    assert_eq!(status, 200);
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition")
-}
 
 /// Samples of any family whose `backend` label is `backend`.
 fn series_of(scrape: &Scrape, backend: &str) -> Vec<String> {

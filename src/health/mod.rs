@@ -96,15 +96,21 @@ impl Failure {
     /// characters become spaces, and past [`MAX_REASON`] characters an
     /// ellipsis marks the cut (a server's error text is not ours to trust).
     pub fn server(text: &str) -> Failure {
-        let flat: String = text
-            .trim()
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        Failure(match flat.char_indices().nth(MAX_REASON) {
-            Some((cut, _)) => format!("{}…", &flat[..cut]),
-            None => flat,
-        })
+        Failure(one_line(text, MAX_REASON))
+    }
+}
+
+/// `text` on one line (control characters as spaces), at most `max`
+/// characters, an ellipsis marking a cut.
+pub fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match flat.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
     }
 }
 

@@ -30,7 +30,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Failure, Outcome, Probe, ProbeFuture};
+use super::{Failure, MAX_REASON, Outcome, Probe, ProbeFuture, one_line};
 use crate::config::{HealthCheck, Role, Secret};
 
 /// The longest server message a probe accepts. A server's largest
@@ -40,10 +40,6 @@ use crate::config::{HealthCheck, Role, Secret};
 /// 64 KiB is the server's own bound on an authentication message from a
 /// client (`PG_MAX_AUTH_TOKEN_LENGTH`).
 const MAX_MESSAGE: usize = 65_535;
-
-/// The longest server message text kept in a check's reason: the status
-/// page shows it on one line.
-const MAX_REASON: usize = 300;
 
 /// The probe's `application_name`: its sessions are recognisable in
 /// `pg_stat_activity` and in the server's connection log lines.
@@ -357,20 +353,6 @@ fn server_error(body: &ErrorResponseBody) -> Failure {
         line += &format!(" ({})", one_line(&code, 5));
     }
     Failure(line)
-}
-
-/// `text` on one line (control characters as spaces), at most `max`
-/// characters, an ellipsis marking a cut.
-fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    match flat.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &flat[..cut]),
-        None => flat,
-    }
 }
 
 fn unsupported(method: &str) -> Failure {

@@ -722,3 +722,33 @@ pub async fn wait_report(
         poll.tick().await;
     }
 }
+
+/// Config text for a listener `name` (round robin, on 127.0.0.1:0) whose
+/// `[listener.health_check]` holds the lines `check`, over `backends`.
+pub fn checked_listener(name: &str, check: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nalgorithm = \"roundrobin\"\n\
+         [listener.health_check]\n{check}\n"
+    );
+    for (backend, addr) in backends {
+        s += &format!("[[listener.backend]]\nname = \"{backend}\"\naddress = \"{addr}\"\n");
+    }
+    s
+}
+
+/// A `password_file = ...` line for `password`, the file (with the trailing
+/// newline an editor leaves) written as `dir/name`.
+pub fn password_file_line(dir: &Path, name: &str, password: &str) -> String {
+    let file = dir.join(name);
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    format!("password_file = \"{}\"\n", file.display())
+}
+
+/// One scrape of the admin endpoint's `/metrics`, parsed by a real
+/// Prometheus text parser.
+pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, body) = http(admin, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid exposition")
+}

@@ -620,12 +620,14 @@ impl HeldSession {
                             text.contains("too many clients") && start.elapsed() < START_DEADLINE,
                             "cannot hold a session on port {port}: {text}"
                         );
-                        break; // the server closes; try again
+                        // Wait for the server to close this attempt: its
+                        // backend process is on its way out, then try again.
+                        let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+                        break;
                     }
                     _ => {}
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
