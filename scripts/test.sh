@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
 # packages, only those missing: promtool, systemd-analyze, curl, PostgreSQL,
-# Redis, MariaDB), then runs every test. The database tests start their own servers
-# on loopback in temporary directories; no system service is used.
+# Redis, MariaDB, dnsmasq), then runs every test. The database and DNS tests
+# start their own servers on loopback in temporary directories; no system
+# service is used.
 # Used as-is by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
 # mariadbd lives in /usr/sbin, which a non-root PATH may lack.
 { [ -x /usr/sbin/mariadbd ] && command -v mariadb-install-db >/dev/null 2>&1 &&
   command -v mariadb >/dev/null 2>&1; } || missing+=(mariadb-server)
+# dnsmasq (the DNS discovery tests' server) lives in /usr/sbin too;
+# dnsmasq-base has the binary without the system service.
+[ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   sudo=""
