@@ -30,6 +30,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
                     weight: 1 + (i % 3) as u32,
                     backup: false,
                     max_connections: None,
+                    discovered_from: None,
                 },
                 state,
             ))

@@ -10,6 +10,9 @@
 //! | `GET /api/v1/listeners/{l}/backends/{b}/state` | the backend's admin state |
 //! | `PUT /api/v1/listeners/{l}/backends/{b}/state` | body `ready`, `drain` or `maint` |
 //!
+//! Names in paths are percent-decoded (a discovered backend is
+//! `web@[2001:db8::1]:80`, sent as `web%40%5B2001%3Adb8%3A%3A1%5D%3A80`).
+//!
 //! Reads are open to whoever reaches the admin address (loopback by
 //! default). With a token configured, a state change needs
 //! `Authorization: Bearer <token>`, compared in constant time and never
@@ -202,7 +205,14 @@ pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr
             backend,
             "state",
         ] => {
-            let (listener, backend) = (listener.to_string(), backend.to_string());
+            // A discovered backend's name (`web@[2001:db8::1]:80`) comes
+            // percent-encoded.
+            let (Some(listener), Some(backend)) = (decoded(listener), decoded(backend)) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "listener and backend names must be percent-encoded UTF-8",
+                );
+            };
             match *req.method() {
                 Method::GET => match find_backend(ctx, &listener, &backend) {
                     Some(state) => json_reply(
@@ -218,6 +228,14 @@ pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr
         }
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// A path segment, percent-decoded; `None` unless it decodes to UTF-8.
+fn decoded(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 fn not_found_backend(listener: &str, backend: &str) -> Reply {
@@ -320,6 +338,7 @@ pub fn status(directory: &Directory) -> serde_json::Value {
                         "weight": b.weight,
                         "backup": b.backup,
                         "max_connections": b.max_connections,
+                        "discovered_from": b.discovered_from.as_deref(),
                         "health": if s.is_up() { "up" } else { "down" },
                         "check_kind": c.health_check.kind.as_str(),
                         "check_reason": b.health.reason(),

@@ -2,10 +2,10 @@
 //!
 //! Every change to which backends a listener has, and which of them may take
 //! new connections, is sent as an update to the listener's owner task: a
-//! reload's new config, a health flip from a probe, an operator's admin
-//! state. The owner alone applies them to the members' live state, starts
-//! and stops their probes, rebuilds the listener's [`Route`] and publishes
-//! it. Updates that arrive while a rebuild runs coalesce into the next one,
+//! reload's new config, a health flip from a probe, a discovered name's new
+//! set of addresses, an operator's admin state. The owner alone applies
+//! them to the members' live state, starts and stops their probes and
+//! watches, rebuilds the listener's [`Route`] and publishes it. Updates that arrive while a rebuild runs coalesce into the next one,
 //! and nothing else writes the route, so no two rebuilds race.
 //!
 //! Callers that must know the change is in effect (a reload, the admin API:
@@ -15,27 +15,37 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use hashbrown::HashMap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::backend::{AdminState, Backend, BackendState};
-use crate::config::{CheckKind, ListenerConfig, OnMarkedDown};
+use crate::config::{
+    BackendConfig, BackendEntry, CheckKind, DnsBackend, ListenerConfig, OnMarkedDown,
+};
+use crate::discovery::{self, Discovery, Found, Params, Primed, WatchHandle};
 use crate::health::{self, Flip, ProbeHandle, Target};
 use crate::metrics::Metrics;
 use crate::proxy::{Route, Settings, Shared};
 use crate::registry::Registry;
+use crate::ticks::first_delay;
 
 /// A change for a listener's owner.
 #[derive(Debug)]
 enum Update {
-    /// A reload: the listener's new settings and backend list.
+    /// A reload: the listener's new settings and backend list, and how
+    /// names are resolved.
     Reconfigure {
         config: Arc<ListenerConfig>,
+        discovery: Discovery,
         done: oneshot::Sender<()>,
     },
     /// A probe's verdict changed. `probe` tells a current probe from one
     /// replaced meanwhile.
     Health { probe: u64, flip: Flip },
+    /// A discovered name's set of addresses changed; `watch` tells a
+    /// current watch from one replaced meanwhile.
+    Discovered { watch: u64, found: Vec<Found> },
     /// An operator's say on a backend; answered with its previous state, or
     /// `None` if the listener has no such backend.
     Admin {
@@ -55,12 +65,17 @@ pub struct BackendSet {
 
 impl BackendSet {
     /// Start the owner of `config`'s backend set; returns its handle and the
-    /// route cell it publishes to, already holding the first route.
-    pub fn start(
+    /// route cell it publishes to, already holding the first route. Its
+    /// discovered names are looked up first (each within the lookup
+    /// timeout), so the first route has their backends; a name that does
+    /// not resolve yet is not an error and fills in later.
+    pub async fn start(
         config: Arc<ListenerConfig>,
+        discovery: Discovery,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> (BackendSet, Arc<ArcSwap<Route>>) {
+        let primed = prime(&config, &discovery, &metrics).await;
         let (tx, rx) = mpsc::unbounded_channel();
         let settings = Arc::new(Settings::of(&config));
         let shared = Arc::new(Shared::new(metrics.listener(&config.name)));
@@ -69,17 +84,19 @@ impl BackendSet {
             settings: settings.clone(),
             shared: shared.clone(),
             members: Vec::new(),
+            watches: Vec::new(),
+            discovery: discovery.clone(),
             registry,
             metrics,
             reports: tx.downgrade(),
-            next_probe: 0,
+            next_id: 0,
             route: Arc::new(ArcSwap::from_pointee(Route::new(
                 settings,
                 shared,
                 Vec::new(),
             ))),
         };
-        owner.apply_config(config);
+        owner.apply_config(config, discovery, primed);
         owner.route.store(Arc::new(owner.route_over_members()));
         let route = owner.route.clone();
         tokio::spawn(owner.run(rx));
@@ -87,9 +104,14 @@ impl BackendSet {
     }
 
     /// Apply a reload's config; returns once the new route is published.
-    pub async fn reconfigure(&self, config: Arc<ListenerConfig>) {
+    /// Discovered names are looked up again at once; their answers follow.
+    pub async fn reconfigure(&self, config: Arc<ListenerConfig>, discovery: Discovery) {
         let (done, wait) = oneshot::channel();
-        self.send(Update::Reconfigure { config, done });
+        self.send(Update::Reconfigure {
+            config,
+            discovery,
+            done,
+        });
         let _ = wait.await;
     }
 
@@ -125,15 +147,27 @@ struct Owner {
     config: Arc<ListenerConfig>,
     settings: Arc<Settings>,
     shared: Arc<Shared>,
-    /// In config order.
+    /// In config order, a discovered entry's members in address order.
     members: Vec<Member>,
+    /// One per `discover = "dns"` entry, in config order.
+    watches: Vec<Watch>,
+    discovery: Discovery,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    /// Where probes report flips; weak, so the owner ends when its last
-    /// handle is dropped.
+    /// Where probes and watches report; weak, so the owner ends when its
+    /// last handle is dropped.
     reports: mpsc::WeakUnboundedSender<Update>,
-    next_probe: u64,
+    /// Tells current probes and watches from replaced ones.
+    next_id: u64,
     route: Arc<ArcSwap<Route>>,
+}
+
+/// A discovered entry, its watch and the addresses it believes in.
+struct Watch {
+    entry: DnsBackend,
+    id: u64,
+    found: Vec<Found>,
+    _handle: WatchHandle,
 }
 
 /// One backend of the set and its probe.
@@ -155,16 +189,27 @@ impl Owner {
             let mut reconfigured = Vec::new();
             let mut admin = Vec::new();
             let mut stop = None;
+            let mut discovered = false;
             for update in batch.drain(..) {
                 match update {
-                    Update::Reconfigure { config, done } => {
-                        self.apply_config(config);
+                    Update::Reconfigure {
+                        config,
+                        discovery,
+                        done,
+                    } => {
+                        self.apply_config(config, discovery, HashMap::new());
                         rebuild = Rebuild::Members;
                         reconfigured.push(done);
                     }
                     Update::Health { probe, flip } => {
                         if self.apply_flip(probe, flip) {
                             rebuild = rebuild.max(Rebuild::Eligibility);
+                        }
+                    }
+                    Update::Discovered { watch, found } => {
+                        if let Some(w) = self.watches.iter_mut().find(|w| w.id == watch) {
+                            w.found = found;
+                            discovered = true;
                         }
                     }
                     Update::Admin {
@@ -190,6 +235,11 @@ impl Owner {
                 let _ = done.send(());
                 return;
             }
+            if discovered {
+                // Once per batch, however many names answered.
+                self.sync_members();
+                rebuild = Rebuild::Members;
+            }
             if rebuild != Rebuild::No {
                 self.publish(rebuild).await;
             }
@@ -208,19 +258,110 @@ impl Owner {
         self.retire_all();
     }
 
-    /// Take a reload's config: kept backends keep their live state and
-    /// probe (which gets the new check settings), a backend whose address
-    /// changed is another server now and is judged afresh, new ones join
-    /// and are probed at once, removed ones go.
-    fn apply_config(&mut self, config: Arc<ListenerConfig>) {
+    /// Take a config (at start, or a reload's): kept backends keep their
+    /// live state and probe (which gets the new check settings), a backend
+    /// whose address changed is another server now and is judged afresh,
+    /// new ones join and are probed at once, removed ones go. Discovered
+    /// names keep their watch and last answer, and are looked up again at
+    /// once; `primed` holds the first answers of a starting listener.
+    fn apply_config(
+        &mut self,
+        config: Arc<ListenerConfig>,
+        discovery: Discovery,
+        primed: HashMap<Arc<str>, Primed>,
+    ) {
         let settings = Settings::of(&config);
         if *self.settings != settings {
             self.settings = Arc::new(settings);
         }
+        self.config = config;
+        self.discovery = discovery;
+        self.sync_watches(primed);
+        self.sync_members();
+    }
+
+    /// One watch per discovered entry of the config: kept where the entry
+    /// asks the same question, else started.
+    fn sync_watches(&mut self, mut primed: HashMap<Arc<str>, Primed>) {
+        let config = self.config.clone();
+        let entries: Vec<&DnsBackend> = config.backends.iter().filter_map(dns_entry).collect();
+        let interval = self.discovery.settings.interval;
+        let mut old: Vec<Option<Watch>> = self.watches.drain(..).map(Some).collect();
+        let mut watches = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let spread = first_delay(i, entries.len(), interval);
+            let params = Params::new(&entry.query, &self.discovery);
+            let same = old
+                .iter_mut()
+                .find(|w| w.as_ref().is_some_and(|w| w.entry.name == entry.name))
+                .and_then(Option::take);
+            let watch = match same {
+                Some(mut w) if w.entry.query == entry.query => {
+                    w._handle.refresh(params, spread);
+                    w.entry = (*entry).clone();
+                    w
+                }
+                replaced => {
+                    // The old watch's series go before the new one's are
+                    // made: they have the same labels.
+                    drop(replaced);
+                    self.start_watch(entry, params, primed.remove(&entry.name), spread)
+                }
+            };
+            watches.push(watch);
+        }
+        self.watches = watches;
+    }
+
+    /// A watch of `entry`: from its first answer when `primed` (then the
+    /// next lookup is an interval on), else looking up after `spread`.
+    fn start_watch(
+        &mut self,
+        entry: &DnsBackend,
+        params: Params,
+        primed: Option<Primed>,
+        spread: std::time::Duration,
+    ) -> Watch {
+        self.next_id += 1;
+        let id = self.next_id;
+        let reports = self.reports.clone();
+        let report = move |found| {
+            if let Some(tx) = reports.upgrade() {
+                let _ = tx.send(Update::Discovered { watch: id, found });
+            }
+        };
+        let (found, handle) = match primed {
+            Some(p) => (
+                p.known().to_vec(),
+                p.start(params.interval + spread, report),
+            ),
+            None => {
+                let target = watch_target(&self.config, entry);
+                let metrics = self.metrics.dns_lookups(&self.config.name, &entry.name);
+                let handle = discovery::spawn(target, params, metrics, spread, report);
+                (Vec::new(), handle)
+            }
+        };
+        Watch {
+            entry: entry.clone(),
+            id,
+            found,
+            _handle: handle,
+        }
+    }
+
+    /// Make the members what the config and the watches' answers say:
+    /// kept backends keep their live state and probe (which gets the
+    /// current check settings), a backend whose address changed is another
+    /// server now and is judged afresh, new ones join and are probed at
+    /// once, removed ones go.
+    fn sync_members(&mut self) {
+        let config = self.config.clone();
+        let wanted = self.wanted();
         let mut old: Vec<Option<Member>> = self.members.drain(..).map(Some).collect();
-        let count = config.backends.len();
+        let count = wanted.len();
         let mut members = Vec::with_capacity(count);
-        for (i, b) in config.backends.iter().enumerate() {
+        for (i, b) in wanted.iter().enumerate() {
             let kept = old
                 .iter_mut()
                 .find(|m| m.as_ref().is_some_and(|m| m.backend.name == b.name))
@@ -244,39 +385,52 @@ impl Owner {
                                 probe: Some(probe),
                             }
                         }
-                        _ => self.member_for(&config, i, backend),
+                        _ => self.member_for(i, count, backend),
                     }
                 }
                 Some(m) => {
                     // Same name, new address: fresh health, same counters.
                     m.backend.state.set_up(true);
                     let backend = Backend::new(b, m.backend.state.clone());
-                    self.member_for(&config, i, Arc::new(backend))
+                    self.member_for(i, count, Arc::new(backend))
                 }
                 None => {
                     let state = self.registry.state(&config.name, &b.name);
-                    self.member_for(&config, i, Arc::new(Backend::new(b, state)))
+                    self.member_for(i, count, Arc::new(Backend::new(b, state)))
                 }
             };
             members.push(member);
         }
         for gone in old.into_iter().flatten() {
-            self.registry.retire(&self.config.name, &gone.backend.name);
+            self.registry.retire(&config.name, &gone.backend.name);
         }
         self.members = members;
-        self.config = config;
+    }
+
+    /// The backends the config and the discovered answers ask for, in
+    /// config order.
+    fn wanted(&self) -> Vec<BackendConfig> {
+        let mut wanted = Vec::new();
+        for entry in &self.config.backends {
+            match entry {
+                BackendEntry::Fixed(b) => wanted.push(b.clone()),
+                BackendEntry::Dns(d) => {
+                    let Some(w) = self.watches.iter().find(|w| w.entry.name == d.name) else {
+                        continue;
+                    };
+                    wanted.extend(w.found.iter().map(|f| discovery::member(d, f)));
+                }
+            }
+        }
+        wanted
     }
 
     /// A member for `backend` with a probe of its own, fresh (its first
     /// check comes soon); none with `kind = "none"`, where it is always up.
-    fn member_for(
-        &mut self,
-        config: &ListenerConfig,
-        index: usize,
-        backend: Arc<Backend>,
-    ) -> Member {
-        self.next_probe += 1;
-        let id = self.next_probe;
+    fn member_for(&mut self, index: usize, count: usize, backend: Arc<Backend>) -> Member {
+        self.next_id += 1;
+        let id = self.next_id;
+        let config = &self.config;
         let settings = &config.health_check;
         if settings.kind == CheckKind::None {
             backend.state.set_up(true);
@@ -296,7 +450,7 @@ impl Owner {
                 report: backend.health.clone(),
             },
             settings.clone(),
-            health::first_delay(index, config.backends.len(), settings.interval),
+            first_delay(index, count, settings.interval),
             self.metrics.checks(&config.name, &backend.name),
             move |flip| {
                 if let Some(tx) = reports.upgrade() {
@@ -370,9 +524,49 @@ impl Owner {
 
     /// Let every member go (the listener is removed or the server stops).
     fn retire_all(&mut self) {
+        self.watches.clear();
         for m in self.members.drain(..) {
             self.registry.retire(&self.config.name, &m.backend.name);
         }
+    }
+}
+
+/// The first answers of a starting listener's discovered names, looked up
+/// side by side.
+async fn prime(
+    config: &ListenerConfig,
+    discovery: &Discovery,
+    metrics: &Arc<Metrics>,
+) -> HashMap<Arc<str>, Primed> {
+    let mut lookups = tokio::task::JoinSet::new();
+    for entry in config.backends.iter().filter_map(dns_entry) {
+        let target = watch_target(config, entry);
+        let params = Params::new(&entry.query, discovery);
+        let lookups_metrics = metrics.dns_lookups(&config.name, &entry.name);
+        let name = entry.name.clone();
+        lookups.spawn(async move { (name, Primed::new(target, params, lookups_metrics).await) });
+    }
+    let mut primed = HashMap::new();
+    while let Some(joined) = lookups.join_next().await {
+        if let Ok((name, p)) = joined {
+            primed.insert(name, p);
+        }
+    }
+    primed
+}
+
+fn dns_entry(entry: &BackendEntry) -> Option<&DnsBackend> {
+    match entry {
+        BackendEntry::Dns(d) => Some(d),
+        BackendEntry::Fixed(_) => None,
+    }
+}
+
+fn watch_target(config: &ListenerConfig, entry: &DnsBackend) -> discovery::Target {
+    discovery::Target {
+        listener: config.name.clone(),
+        entry: entry.name.clone(),
+        query: entry.query.to_string(),
     }
 }
 

@@ -38,6 +38,7 @@ pub mod names {
     pub const HTTP_REQUESTS_TOTAL: &str = "switchyard_http_requests_total";
     pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
     pub const ACCEPT_PAUSED_TOTAL: &str = "switchyard_accept_paused_total";
+    pub const DNS_LOOKUPS_TOTAL: &str = "switchyard_dns_lookups_total";
     pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
         "switchyard_config_last_reload_success_timestamp_seconds";
 }
@@ -93,6 +94,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     reloads: IntCounterVec,
     accept_paused: IntCounterVec,
+    dns_lookups: IntCounterVec,
     last_reload_success: Gauge,
     /// Live per-backend handle sets, so a backend that is re-added while its
     /// old incarnation still drains shares one set of series.
@@ -191,6 +193,11 @@ impl Metrics {
                 "Times a listener stopped accepting because it reached max_connections.",
                 &["listener"],
             ),
+            dns_lookups: counter(
+                DNS_LOOKUPS_TOTAL,
+                "Lookups of discovered names, by result (success, empty, failure).",
+                &["listener", "backend", "result"],
+            ),
             last_reload_success: reg(
                 &registry,
                 Gauge::new(
@@ -287,6 +294,18 @@ impl Metrics {
         let key: SeriesKey = (listener.into(), backend.into());
         let m = live.get(&key)?.upgrade()?;
         Some((m.ok.get(), m.failed.get()))
+    }
+
+    /// The lookup counters of a discovered entry, held by its watch; its
+    /// series go when the watch does. All three exist from the start at 0.
+    pub fn dns_lookups(self: &Arc<Self>, listener: &str, entry: &str) -> LookupMetrics {
+        let result = |r| self.dns_lookups.with_label_values(&[listener, entry, r]);
+        LookupMetrics {
+            success: result("success"),
+            empty: result("empty"),
+            failure: result("failure"),
+            owner: Some((Arc::downgrade(self), (listener.into(), entry.into()))),
+        }
     }
 
     /// The handles of one listener.
@@ -502,6 +521,40 @@ impl Drop for CheckMetrics {
             && let Some(metrics) = metrics.upgrade()
         {
             metrics.forget_checks(key);
+        }
+    }
+}
+
+/// A discovered entry's lookup counters (`switchyard_dns_lookups_total`).
+#[derive(Debug)]
+pub struct LookupMetrics {
+    pub success: IntCounter,
+    pub empty: IntCounter,
+    pub failure: IntCounter,
+    owner: Option<(Weak<Metrics>, SeriesKey)>,
+}
+
+impl LookupMetrics {
+    /// Handles registered nowhere (unit tests).
+    pub fn detached() -> LookupMetrics {
+        let c = || IntCounter::new("c", "c").unwrap();
+        LookupMetrics {
+            success: c(),
+            empty: c(),
+            failure: c(),
+            owner: None,
+        }
+    }
+}
+
+impl Drop for LookupMetrics {
+    fn drop(&mut self) {
+        if let Some((metrics, (l, b))) = &self.owner
+            && let Some(metrics) = metrics.upgrade()
+        {
+            for r in ["success", "empty", "failure"] {
+                let _ = metrics.dns_lookups.remove_label_values(&[l, b, r]);
+            }
         }
     }
 }

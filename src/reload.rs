@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{BackendEntry, Config, ListenerConfig};
 
 /// One difference between the running config and the new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,24 +67,24 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             });
         }
         for nb in &n.backends {
-            match o.backends.iter().find(|ob| ob.name == nb.name) {
+            match o.backends.iter().find(|ob| ob.name() == nb.name()) {
                 None => changes.push(Change::BackendAdded {
                     listener: n.name.clone(),
-                    backend: nb.name.clone(),
+                    backend: nb.name().clone(),
                 }),
                 Some(ob) if ob != nb => changes.push(Change::BackendChanged {
                     listener: n.name.clone(),
-                    backend: nb.name.clone(),
-                    address_changed: ob.addr != nb.addr,
+                    backend: nb.name().clone(),
+                    address_changed: !same_target(ob, nb),
                 }),
                 Some(_) => {}
             }
         }
         for ob in &o.backends {
-            if !n.backends.iter().any(|nb| nb.name == ob.name) {
+            if !n.backends.iter().any(|nb| nb.name() == ob.name()) {
                 changes.push(Change::BackendRemoved {
                     listener: n.name.clone(),
-                    backend: ob.name.clone(),
+                    backend: ob.name().clone(),
                 });
             }
         }
@@ -95,6 +95,16 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         }
     }
     changes
+}
+
+/// Whether two entries point at the same servers: the same address, or
+/// the same name kept resolved.
+fn same_target(a: &BackendEntry, b: &BackendEntry) -> bool {
+    match (a, b) {
+        (BackendEntry::Fixed(a), BackendEntry::Fixed(b)) => a.addr == b.addr,
+        (BackendEntry::Dns(a), BackendEntry::Dns(b)) => a.query == b.query,
+        _ => false,
+    }
 }
 
 /// Equal apart from the backend list.

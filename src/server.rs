@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use crate::backend::BackendState;
 use crate::backend_set::BackendSet;
-use crate::config::Config;
+use crate::config::{BackendEntry, Config, ListenerConfig};
+use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::proxy::{Bound, ConnContext, Frontend, Route};
 use crate::registry::Registry;
@@ -62,6 +63,9 @@ pub struct Server {
     directory: Arc<Directory>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    /// How discovered names are resolved; rebuilt when `[global]`'s DNS
+    /// settings change.
+    discovery: Discovery,
     listeners: HashMap<Arc<str>, Listener>,
     ctx: ConnContext,
 }
@@ -81,6 +85,11 @@ impl Default for Server {
     }
 }
 
+/// Whether a listener has names to keep resolved.
+fn discovers(l: &ListenerConfig) -> bool {
+    l.backends.iter().any(|b| matches!(b, BackendEntry::Dns(_)))
+}
+
 /// What a successful reload did.
 #[derive(Debug, Default)]
 pub struct ReloadSummary {
@@ -96,11 +105,13 @@ impl Server {
             config: Config {
                 source: Default::default(),
                 shutdown_timeout: Duration::ZERO,
+                dns: Default::default(),
                 admin: None,
                 listeners: Vec::new(),
             },
             directory: Arc::default(),
             registry: Arc::new(Registry::new(metrics.clone())),
+            discovery: Discovery::default(),
             metrics,
             listeners: HashMap::new(),
             ctx: ConnContext::default(),
@@ -153,55 +164,84 @@ impl Server {
         }
 
         // 3. Added and changed listeners: their owner takes the new config
-        //    (and a new socket where the bind changed).
+        //    (and a new socket where the bind changed). Every reload looks
+        //    discovered names up again, so listeners with any are told too.
+        if self.discovery.settings != new.dns {
+            self.discovery = Discovery::new(new.dns.clone());
+        }
         let touched: Vec<Arc<str>> = {
             let mut v: Vec<Arc<str>> = changes
                 .iter()
                 .filter(|c| !matches!(c, Change::ListenerRemoved(_)))
                 .map(|c| c.listener().clone())
+                .chain(
+                    new.listeners
+                        .iter()
+                        .filter(|l| discovers(l))
+                        .map(|l| l.name.clone()),
+                )
                 .collect();
-            v.dedup();
+            let mut seen = hashbrown::HashSet::new();
+            v.retain(|name| seen.insert(name.clone()));
             v
         };
-        for name in touched {
-            let config = find(&name).expect("touched listeners are in the new config");
-            let socket = sockets.remove(&name);
-            match self.listeners.get_mut(&name) {
-                Some(l) => {
-                    l.backends.reconfigure(config.clone()).await;
-                    if let Some(socket) = socket {
-                        // The new socket accepts before the old one closes:
-                        // no moment where both refuse.
-                        let mut old = std::mem::replace(
-                            &mut l.frontend,
-                            socket.serve(l.route.clone(), &self.ctx),
-                        );
-                        old.stop().await;
-                        l.local_addr = l.frontend.local_addr.unwrap_or(config.bind);
-                        info!(listener = %name, addr = %l.local_addr, "listening (moved)");
-                    }
-                }
-                None => {
-                    let socket = socket.expect("added listeners were bound");
-                    let (backends, route) = BackendSet::start(
-                        config.clone(),
-                        self.registry.clone(),
-                        self.metrics.clone(),
-                    );
-                    let frontend = socket.serve(route.clone(), &self.ctx);
-                    let local_addr = frontend.local_addr.unwrap_or(config.bind);
-                    info!(listener = %name, addr = %local_addr, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
-                    self.listeners.insert(
-                        name.clone(),
-                        Listener {
-                            local_addr,
-                            route,
-                            backends,
-                            frontend,
-                        },
-                    );
-                }
+        // New listeners' owners start side by side: each first looks its
+        // discovered names up, within the lookup timeout.
+        let mut starting = tokio::task::JoinSet::new();
+        for name in &touched {
+            if !self.listeners.contains_key(name) {
+                let config = find(name).expect("touched listeners are in the new config");
+                let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
+                let discovery = self.discovery.clone();
+                starting.spawn(async move {
+                    let started = BackendSet::start(config.clone(), discovery, registry, metrics);
+                    (config, started.await)
+                });
             }
+        }
+        let mut started = hashbrown::HashSet::new();
+        while let Some(joined) = starting.join_next().await {
+            let (config, (backends, route)) = joined.expect("a backend set's start does not panic");
+            let name = config.name.clone();
+            started.insert(name.clone());
+            let socket = sockets.remove(&name).expect("added listeners were bound");
+            let frontend = socket.serve(route.clone(), &self.ctx);
+            let local_addr = frontend.local_addr.unwrap_or(config.bind);
+            info!(listener = %name, addr = %local_addr, algorithm = config.algorithm.as_str(), backends = config.backends.len(), "listening");
+            self.listeners.insert(
+                name,
+                Listener {
+                    local_addr,
+                    route,
+                    backends,
+                    frontend,
+                },
+            );
+        }
+        for name in touched.into_iter().filter(|n| !started.contains(n)) {
+            let config = find(&name).expect("touched listeners are in the new config");
+            let Some(socket) = sockets.remove(&name) else {
+                if let Some(l) = self.listeners.get(&name) {
+                    l.backends
+                        .reconfigure(config.clone(), self.discovery.clone())
+                        .await;
+                }
+                continue;
+            };
+            let l = self
+                .listeners
+                .get_mut(&name)
+                .expect("a moved listener is running");
+            l.backends
+                .reconfigure(config.clone(), self.discovery.clone())
+                .await;
+            // The new socket accepts before the old one closes: no moment
+            // where both refuse.
+            let mut old =
+                std::mem::replace(&mut l.frontend, socket.serve(l.route.clone(), &self.ctx));
+            old.stop().await;
+            l.local_addr = l.frontend.local_addr.unwrap_or(config.bind);
+            info!(listener = %name, addr = %l.local_addr, "listening (moved)");
         }
         self.directory.store(Arc::new(
             new.listeners

@@ -169,7 +169,10 @@ async fn retries_hide_a_dead_backend_that_checks_have_not_caught() {
 }
 
 fn dead_addr(server: &switchyard::server::Server) -> SocketAddr {
-    server.config().listeners[0].backends[1].addr
+    server.config().listeners[0].backends[1]
+        .fixed()
+        .unwrap()
+        .addr
 }
 
 #[tokio::test]

@@ -182,6 +182,7 @@ pub(crate) mod test_support {
                         weight: w,
                         backup: false,
                         max_connections: None,
+                        discovered_from: None,
                     },
                     Arc::new(BackendState::default()),
                 ))

@@ -48,9 +48,32 @@ pub struct Config {
     /// Where it was loaded from (for messages and reloads).
     pub source: PathBuf,
     pub shutdown_timeout: Duration,
+    /// How discovered names are resolved.
+    pub dns: DnsSettings,
     /// The admin endpoint; `None` when the `[admin]` table is absent.
     pub admin: Option<AdminConfig>,
     pub listeners: Vec<Arc<ListenerConfig>>,
+}
+
+/// `[global]`'s settings for `discover = "dns"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Name servers to ask; `None` = those of /etc/resolv.conf.
+    pub servers: Option<Vec<SocketAddr>>,
+    /// Time between the starts of two lookups of one name.
+    pub interval: Duration,
+    /// How long "no address" must persist before the set is emptied.
+    pub hold: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            servers: None,
+            interval: defaults::dns_interval(),
+            hold: defaults::dns_hold(),
+        }
+    }
 }
 
 /// A validated `[admin]`.
@@ -117,22 +140,92 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     /// HTTP mode: lbCookie stickiness.
     pub sticky: Option<Sticky>,
-    pub backends: Vec<BackendConfig>,
+    /// In file order.
+    pub backends: Vec<BackendEntry>,
 }
 
-/// One validated `[[listener.backend]]`, its address resolved.
+/// One validated `[[listener.backend]]`: a backend, or a name that stands
+/// for as many as it resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEntry {
+    /// `discover = "once"`: resolved at (re)load.
+    Fixed(BackendConfig),
+    /// `discover = "dns"`: kept resolved (`crate::discovery`).
+    Dns(DnsBackend),
+}
+
+impl BackendEntry {
+    /// The entry's `name`.
+    pub fn name(&self) -> &Arc<str> {
+        match self {
+            BackendEntry::Fixed(b) => &b.name,
+            BackendEntry::Dns(d) => &d.name,
+        }
+    }
+
+    /// The backend, if the entry is one fixed address.
+    pub fn fixed(&self) -> Option<&BackendConfig> {
+        match self {
+            BackendEntry::Fixed(b) => Some(b),
+            BackendEntry::Dns(_) => None,
+        }
+    }
+
+    /// The entry's `address` as written.
+    pub fn address(&self) -> String {
+        match self {
+            BackendEntry::Fixed(b) => b.address.clone(),
+            BackendEntry::Dns(d) => d.query.to_string(),
+        }
+    }
+}
+
+/// One backend: an address and how it takes connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub name: Arc<str>,
-    /// The address as written (a host name stays visible in status output).
+    /// The address as written (a host name stays visible in status output);
+    /// for a discovered backend, the address found.
     pub address: String,
-    /// What `address` resolved to at load time.
+    /// What `address` resolved to.
     pub addr: SocketAddr,
     pub weight: u32,
     /// Used only while no non-backup backend is up.
     pub backup: bool,
     /// Connections at most; more wait in the listener's queue.
     pub max_connections: Option<u32>,
+    /// The name of the `discover = "dns"` entry it was found for.
+    pub discovered_from: Option<Arc<str>>,
+}
+
+/// A `discover = "dns"` entry: the name to resolve and the fields every
+/// address found takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    pub name: Arc<str>,
+    pub query: DnsQuery,
+    /// For a host name; an SRV name's backends take their records' weights.
+    pub weight: u32,
+    pub backup: bool,
+    pub max_connections: Option<u32>,
+}
+
+/// What a discovered entry asks DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsQuery {
+    /// A and AAAA records of `host`, every address on `port`.
+    Host { host: String, port: u16 },
+    /// SRV records (`_service._proto.name`): targets, ports, weights.
+    Srv { name: String },
+}
+
+impl fmt::Display for DnsQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsQuery::Host { host, port } => write!(f, "{host}:{port}"),
+            DnsQuery::Srv { name } => f.write_str(name),
+        }
+    }
 }
 
 /// A validated `[listener.sticky]` (lbCookie).
@@ -158,6 +251,17 @@ pub struct Keepalive {
 // ---------------------------------------------------------------------------
 // Read by serde as written, used as read.
 // ---------------------------------------------------------------------------
+
+/// How a backend entry's address is resolved (`discover`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discover {
+    /// At (re)load, first address wins.
+    #[default]
+    Once,
+    /// Every address, kept up to date.
+    Dns,
+}
 
 /// How a listener handles the byte stream.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -424,16 +528,26 @@ impl Config {
                 h.kind.as_str(),
                 l.backends.len()
             );
-            for b in &l.backends {
-                let _ = writeln!(
-                    s,
-                    "  backend {} {} ({}) weight {}{}",
-                    b.name,
-                    b.address,
-                    b.addr,
-                    b.weight,
-                    if b.backup { " backup" } else { "" }
-                );
+            for entry in &l.backends {
+                let _ = match entry {
+                    BackendEntry::Fixed(b) => writeln!(
+                        s,
+                        "  backend {} {} ({}) weight {}{}",
+                        b.name,
+                        b.address,
+                        b.addr,
+                        b.weight,
+                        if b.backup { " backup" } else { "" }
+                    ),
+                    BackendEntry::Dns(d) => writeln!(
+                        s,
+                        "  backend {} {} (kept resolved every {}){}",
+                        d.name,
+                        d.query,
+                        humantime::format_duration(self.dns.interval),
+                        if d.backup { " backup" } else { "" }
+                    ),
+                };
             }
         }
         s
@@ -492,10 +606,10 @@ address = "[::1]:9000"
         assert_eq!(pg.mode, Mode::Tcp);
         assert_eq!(pg.connect_timeout, Duration::from_millis(500));
         assert_eq!(pg.idle_timeout, Duration::from_secs(3600));
-        assert_eq!(pg.backends[0].weight, 1);
-        assert_eq!(pg.backends[1].weight, 3);
-        assert_eq!(pg.backends[1].addr.port(), 6002);
-        assert!(pg.backends[1].addr.ip().is_loopback());
+        assert_eq!(pg.backends[0].fixed().unwrap().weight, 1);
+        assert_eq!(pg.backends[1].fixed().unwrap().weight, 3);
+        assert_eq!(pg.backends[1].fixed().unwrap().addr.port(), 6002);
+        assert!(pg.backends[1].fixed().unwrap().addr.ip().is_loopback());
         assert_eq!(c.listeners[1].bind, "[::1]:8080".parse().unwrap());
         assert_eq!(c.listeners[1].algorithm, Algorithm::Roundrobin);
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Algorithm, CheckKind, Mode, OnMarkedDown, ProxyProtocol, Role};
+use super::{Algorithm, CheckKind, Discover, Mode, OnMarkedDown, ProxyProtocol, Role};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -29,12 +29,22 @@ pub(super) struct RawConfig {
 pub(super) struct RawGlobal {
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Name servers for `discover = "dns"` ("ip" or "ip:port"); absent =
+    /// those of /etc/resolv.conf.
+    pub dns_servers: Option<Vec<String>>,
+    #[serde(default = "defaults::dns_interval", with = "humantime_serde")]
+    pub dns_interval: Duration,
+    #[serde(default = "defaults::dns_hold", with = "humantime_serde")]
+    pub dns_hold: Duration,
 }
 
 impl Default for RawGlobal {
     fn default() -> Self {
         RawGlobal {
             shutdown_timeout: defaults::shutdown_timeout(),
+            dns_servers: None,
+            dns_interval: defaults::dns_interval(),
+            dns_hold: defaults::dns_hold(),
         }
     }
 }
@@ -150,11 +160,13 @@ pub(super) struct RawSticky {
 pub(super) struct RawBackend {
     pub name: String,
     pub address: String,
-    #[serde(default = "defaults::weight")]
-    pub weight: u32,
+    /// Absent = 1, or from the SRV records of a discovered SRV name.
+    pub weight: Option<u32>,
     #[serde(default)]
     pub backup: bool,
     pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub discover: Discover,
 }
 
 /// How a client is kept on one backend.
@@ -176,6 +188,19 @@ pub(super) mod defaults {
         "127.0.0.1:9900".into()
     }
     pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    /// Consul's and Kubernetes' DNS answer with TTLs of 0 to 30 s; 5 s
+    /// follows a scale-up or a failover within seconds at one query per
+    /// name every 5 s.
+    pub fn dns_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    /// Longer than a typical resolver restart or a registry's brief gap
+    /// between deregistering and re-registering an instance, so neither
+    /// empties a pool; short enough that a decommissioned name is dropped
+    /// within a minute.
+    pub fn dns_hold() -> Duration {
         Duration::from_secs(30)
     }
     /// HAProxy's `timeout connect` in CloudStack's generated config is 5s; 3s

@@ -18,14 +18,16 @@ use super::raw::{
     StickyMethod, defaults,
 };
 use super::{
-    AdminConfig, BackendConfig, CheckKind, Config, HealthCheck, Keepalive, ListenerConfig,
-    MAX_WEIGHT, Mode, ProxyProtocol, Role, Secret, Sticky,
+    AdminConfig, BackendConfig, BackendEntry, CheckKind, Config, Discover, DnsBackend, DnsQuery,
+    DnsSettings, HealthCheck, Keepalive, ListenerConfig, MAX_WEIGHT, Mode, ProxyProtocol, Role,
+    Secret, Sticky,
 };
 
 impl Config {
     /// Validate raw config; errors name the field by path.
     pub(super) fn from_raw(raw: RawConfig, source: &Path) -> Result<Config, FieldError> {
         let root = FieldPath::default();
+        let (shutdown_timeout, dns) = global(raw.global, &root.key("global"))?;
         let mut listeners = Vec::with_capacity(raw.listeners.len());
         let mut names = HashSet::new();
         let mut binds: Vec<SocketAddr> = Vec::new();
@@ -39,17 +41,53 @@ impl Config {
         };
         Ok(Config {
             source: source.to_owned(),
-            shutdown_timeout: global(raw.global),
+            shutdown_timeout,
+            dns,
             admin,
             listeners,
         })
     }
 }
 
-/// `[global]`: the shutdown grace period.
-fn global(raw: RawGlobal) -> Duration {
-    // A zero shutdown_timeout is allowed: it means "do not wait".
-    raw.shutdown_timeout
+/// `[global]`: the shutdown grace period and how discovered names are
+/// resolved.
+fn global(raw: RawGlobal, at: &FieldPath) -> Result<(Duration, DnsSettings), FieldError> {
+    // A zero shutdown_timeout is allowed: it means "do not wait"; a zero
+    // dns_hold means "believe an empty answer at once".
+    positive(raw.dns_interval, &at.key("dns_interval"))?;
+    let servers = match raw.dns_servers {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(k, s)| dns_server(s).map_err(|m| err(at.item("dns_servers", k), m)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    if servers.as_ref().is_some_and(Vec::is_empty) {
+        return Err(err(
+            at.key("dns_servers"),
+            "is empty: list at least one server, or leave it out for /etc/resolv.conf's".into(),
+        ));
+    }
+    let dns = DnsSettings {
+        servers,
+        interval: raw.dns_interval,
+        hold: raw.dns_hold,
+    };
+    Ok((raw.shutdown_timeout, dns))
+}
+
+/// A name server: "ip:port", or an IP alone for port 53.
+fn dns_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| {
+            format!("`{text}` is not an IP address, with or without a port (\"10.0.0.2\", \"127.0.0.1:8600\")")
+        })
 }
 
 /// `[admin]`: an address that parses (no name to resolve) and a token file
@@ -349,7 +387,7 @@ fn backends(
     raw: Vec<RawBackend>,
     listener: &str,
     at: &FieldPath,
-) -> Result<Vec<BackendConfig>, FieldError> {
+) -> Result<Vec<BackendEntry>, FieldError> {
     if raw.is_empty() {
         return Err(err(
             at.key("backend"),
@@ -363,14 +401,14 @@ fn backends(
         .collect()
 }
 
-/// One `[[listener.backend]]`, its address resolved now; `names` holds those
-/// of the listener's backends before it.
+/// One `[[listener.backend]]`, its address resolved now unless it is kept
+/// resolved; `names` holds those of the listener's backends before it.
 fn backend(
     b: RawBackend,
     listener: &str,
     at: &FieldPath,
     names: &mut HashSet<String>,
-) -> Result<BackendConfig, FieldError> {
+) -> Result<BackendEntry, FieldError> {
     check_name(&b.name, &at.key("name"))?;
     if !names.insert(b.name.clone()) {
         return Err(err(
@@ -382,21 +420,97 @@ fn backend(
         ));
     }
     at_least_one(b.max_connections, &at.key("max_connections"))?;
-    if b.weight > MAX_WEIGHT {
+    if let Some(w) = b.weight
+        && w > MAX_WEIGHT
+    {
         return Err(err(
             at.key("weight"),
-            format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+            format!("{w} is out of range 0..={MAX_WEIGHT}"),
+        ));
+    }
+    let weight = b.weight.unwrap_or_else(defaults::weight);
+    if b.discover == Discover::Dns {
+        let query = dns_query(&b.address).map_err(|m| err(at.key("address"), m))?;
+        if matches!(query, DnsQuery::Srv { .. }) && b.weight.is_some() {
+            return Err(err(
+                at.key("weight"),
+                "an SRV name's backends take the weights of its records".into(),
+            ));
+        }
+        return Ok(BackendEntry::Dns(DnsBackend {
+            name: b.name.into(),
+            query,
+            weight,
+            backup: b.backup,
+            max_connections: b.max_connections,
+        }));
+    }
+    if b.address.starts_with('_') {
+        return Err(err(
+            at.key("address"),
+            format!(
+                "`{}` is an SRV name: it needs `discover = \"dns\"`",
+                b.address
+            ),
         ));
     }
     let addr = resolve(&b.address).map_err(|m| err(at.key("address"), m))?;
-    Ok(BackendConfig {
+    Ok(BackendEntry::Fixed(BackendConfig {
         name: b.name.into(),
         address: b.address,
         addr,
-        weight: b.weight,
+        weight,
         backup: b.backup,
         max_connections: b.max_connections,
+        discovered_from: None,
+    }))
+}
+
+/// A discovered entry's `address`: `host:port` (A and AAAA), or an SRV
+/// name (`_service._proto.name`, no port).
+fn dns_query(address: &str) -> Result<DnsQuery, String> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return Err(format!(
+            "`{address}` is an address, not a name: leave out `discover` (there is nothing to keep resolved)"
+        ));
+    }
+    if address.starts_with('_') {
+        dns_name(address)?;
+        return Ok(DnsQuery::Srv {
+            name: address.to_owned(),
+        });
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!(
+            "`{address}` needs a port (\"db.internal:5432\"), or is an SRV name starting with `_`"
+        ));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(format!("`{port}` in `{address}` is not a port (1..=65535)")),
+    };
+    dns_name(host)?;
+    Ok(DnsQuery::Host {
+        host: host.to_owned(),
+        port,
     })
+}
+
+/// A name DNS can be asked about: letters, digits, `-` and `_` in dot-
+/// separated labels, within DNS's length limits.
+fn dns_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if !plain {
+        return Err(format!(
+            "`{name}` is not a DNS name (letters, digits, `-`, `_` and dots)"
+        ));
+    }
+    hickory_resolver::proto::rr::Name::from_ascii(name)
+        .map(drop)
+        .map_err(|e| format!("`{name}` is not a DNS name: {e}"))
 }
 
 // ---------------------------------------------------------------------------

@@ -39,18 +39,14 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{CheckKind, HealthCheck, Role};
 use crate::metrics::CheckMetrics;
+use crate::ticks::schedule;
 pub use hysteresis::{Flip, Hysteresis};
 pub use report::HealthReport;
-
-/// First probes of a pool are spread over at most this long (or the
-/// interval, if shorter): long enough to smooth a burst of 1000 connects,
-/// short enough that a fresh backend's health is known within a second.
-pub const FIRST_PROBE_SPREAD: Duration = Duration::from_secs(1);
 
 /// The future of one check.
 pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome, Failure>> + Send + 'a>>;
@@ -273,33 +269,10 @@ async fn run(
     }
 }
 
-/// Ticks from `start` every `every`; a probe that took long does not cause
-/// a burst of catch-up probes.
-fn schedule(start: Instant, every: Duration) -> tokio::time::Interval {
-    let mut ticks = tokio::time::interval_at(start, every);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ticks
-}
-
-/// First-probe delay of backend `index` of `count`: spread evenly over
-/// [`FIRST_PROBE_SPREAD`] or the interval, whichever is shorter.
-pub fn first_delay(index: usize, count: usize, interval: Duration) -> Duration {
-    let spread = FIRST_PROBE_SPREAD.min(interval);
-    spread.mul_f64(index as f64 / count.max(1) as f64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
-
-    #[test]
-    fn first_probes_are_spread_within_the_interval() {
-        let interval = Duration::from_millis(400);
-        assert_eq!(first_delay(0, 4, interval), Duration::ZERO);
-        assert_eq!(first_delay(2, 4, interval), Duration::from_millis(200));
-        assert!(first_delay(999, 1000, Duration::from_secs(2)) < FIRST_PROBE_SPREAD);
-    }
 
     #[test]
     fn socket_errors_read_as_their_kind() {
