@@ -338,7 +338,8 @@ async fn discovered_addresses_join_and_leave_with_dns() {
     let (b2, b3, b4) = (ip("127.0.0.2"), ip("127.0.0.3"), ip("127.0.0.4"));
     let (port, servers) = same_port(&[b2, b3, b4]).await;
     let dns = block_in_place(Dnsmasq::start);
-    block_in_place(|| dns.set("rr.test", &[b2, b3]));
+    // Written out of order: the status lists them sorted by address.
+    block_in_place(|| dns.set("rr.test", &[b3, b2]));
     let conf = fast(&dns, format!("rr.test:{port}"));
     let d = block_in_place(|| Daemon::start(&conf.toml()));
     let (admin, proxy) = (d.admin.unwrap(), d.addr("l"));
@@ -366,8 +367,14 @@ async fn discovered_addresses_join_and_leave_with_dns() {
     assert_eq!(counts, map(&[("b2", 5), ("b3", 5)]), "{seq:?}");
 
     // A third address joins from DNS alone.
-    block_in_place(|| dns.set("rr.test", &[b2, b3, b4]));
-    wait_serving(admin, &[disc(b2, port), disc(b3, port), disc(b4, port)]).await;
+    block_in_place(|| dns.set("rr.test", &[b4, b2, b3]));
+    let bs = wait_serving(admin, &[disc(b2, port), disc(b3, port), disc(b4, port)]).await;
+    // The kept ones kept their counters.
+    let totals: Vec<u64> = bs
+        .iter()
+        .map(|b| b["connections_total"].as_u64().unwrap())
+        .collect();
+    assert_eq!(totals, [5, 5, 0], "{}", Value::from(bs));
     assert_eq!(
         spread(proxy, 9).await,
         map(&[("b2", 3), ("b3", 3), ("b4", 3)])
@@ -391,7 +398,7 @@ async fn discovered_addresses_join_and_leave_with_dns() {
         .unwrap();
     assert_eq!(echo, before);
 
-    block_in_place(|| dns.set("rr.test", &[b2, b4]));
+    block_in_place(|| dns.set("rr.test", &[b4, b2]));
     wait_status(admin, "b3 gone from the status", |bs| {
         names(bs) == [disc(b2, port), disc(b4, port)]
     })
@@ -492,51 +499,62 @@ async fn empty_answer_empties_the_set_only_after_hold() {
     assert_eq!(lookups(admin, "failure").await, 0.0);
 }
 
-/// SRV: the lowest priority serves; the higher one is a backup tier that
-/// takes over when the primary is down. SRV weight becomes the backend's
-/// weight (0 → 1); a target that does not resolve is left out.
+/// SRV: the lowest priority serves; every higher one forms one backup
+/// tier that takes over when no primary is up. SRV weight becomes the
+/// backend's weight (0 → 1, capped at 256); a target that does not resolve
+/// is left out. Health found by probes survives re-resolution.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srv_priorities_are_primaries_and_backups() {
     let t1 = NamedBackend::start_on("127.0.0.5:0".parse().unwrap(), "t1").await;
     let t2 = NamedBackend::start_on("127.0.0.6:0".parse().unwrap(), "t2").await;
-    let (p1, p2) = (t1.addr.port(), t2.addr.port());
+    // t4: an address where nothing listens (bound, read, released).
+    let t4 = std::net::TcpListener::bind("127.0.0.7:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (p1, p2, p4) = (t1.addr.port(), t2.addr.port(), t4.port());
     let srv = [
         format!("_svc._tcp.svc.test,t1.test,{p1},0,10"),
         format!("_svc._tcp.svc.test,t2.test,{p2},10,0"),
         // Same priority as t1, but its name has no address.
         "_svc._tcp.svc.test,t3.test,5999,0,5".to_owned(),
+        // A third priority: the same backup tier as t2.
+        format!("_svc._tcp.svc.test,t4.test,{p4},20,1000"),
     ];
     let srv: Vec<&str> = srv.iter().map(String::as_str).collect();
     let dns = block_in_place(|| Dnsmasq::start_with(&srv));
     block_in_place(|| dns.set("t1.test", &[t1.addr.ip()]));
     block_in_place(|| dns.set("t2.test", &[t2.addr.ip()]));
+    block_in_place(|| dns.set("t4.test", &[t4.ip()]));
     let conf = fast(&dns, "_svc._tcp.svc.test".into());
     let d = block_in_place(|| Daemon::start(&conf.toml()));
     let (admin, proxy) = (d.admin.unwrap(), d.addr("l"));
 
-    let (n1, n2) = (disc(t1.addr.ip(), p1), disc(t2.addr.ip(), p2));
-    let bs = wait_status(admin, "t1 and t2 listed, t1 in rotation", |bs| {
-        names(bs) == [n1.clone(), n2.clone()] && find(bs, &n1)["in_rotation"] == true
+    let (n1, n2, n4) = (
+        disc(t1.addr.ip(), p1),
+        disc(t2.addr.ip(), p2),
+        disc(t4.ip(), p4),
+    );
+    let bs = wait_status(admin, "t1, t2, t4 listed; t1 in rotation; t4 down", |bs| {
+        names(bs) == [n1.clone(), n2.clone(), n4.clone()]
+            && find(bs, &n1)["in_rotation"] == true
+            && find(bs, &n4)["health"] == "down"
     })
     .await;
-    let (s1, s2) = (find(&bs, &n1), find(&bs, &n2));
+    let (s1, s2, s4) = (find(&bs, &n1), find(&bs, &n2), find(&bs, &n4));
     assert_eq!(s1["address"], t1.addr.to_string(), "{s1}");
     assert_eq!(s2["address"], t2.addr.to_string(), "{s2}");
-    assert_eq!(
-        (&s1["backup"], &s1["weight"]),
-        (&false.into(), &10.into()),
-        "{s1}"
-    );
-    assert_eq!(
-        (&s2["backup"], &s2["weight"]),
-        (&true.into(), &1.into()),
-        "{s2}"
-    );
-    assert_eq!(s1["discovered_from"], "web");
-    assert_eq!(s2["discovered_from"], "web");
+    assert_eq!(s4["address"], t4.to_string(), "{s4}");
+    let tier = |b: &Value| (b["backup"].clone(), b["weight"].clone());
+    assert_eq!(tier(s1), (false.into(), 10.into()), "{s1}");
+    assert_eq!(tier(s2), (true.into(), 1.into()), "SRV weight 0 → 1: {s2}");
+    assert_eq!(tier(s4), (true.into(), 256.into()), "capped at 256: {s4}");
+    for b in [s1, s2, s4] {
+        assert_eq!(b["discovered_from"], "web", "{b}");
+    }
     assert_eq!(
         s2["in_rotation"], false,
-        "a backup while the primary is up: {s2}"
+        "a backup while a primary is up: {s2}"
     );
 
     assert_eq!(spread(proxy, 6).await, map(&[("t1", 6)]));
@@ -547,7 +565,26 @@ async fn srv_priorities_are_primaries_and_backups() {
     })
     .await;
     assert_eq!(spread(proxy, 4).await, map(&[("t2", 4)]));
-    assert!(lookups(admin, "success").await >= 1.0);
+
+    // Lookups of the same answer go on; the probes' verdicts stay.
+    let ok = lookups(admin, "success").await;
+    assert!(ok >= 1.0);
+    wait_lookups(admin, "success", ok + 3.0).await;
+    let bs = backends(admin).await;
+    assert_eq!(names(&bs), [n1.clone(), n2.clone(), n4.clone()]);
+    assert_eq!(
+        find(&bs, &n1)["health"],
+        "down",
+        "{}",
+        Value::from(bs.clone())
+    );
+    assert_eq!(
+        find(&bs, &n4)["health"],
+        "down",
+        "{}",
+        Value::from(bs.clone())
+    );
+    assert_eq!(spread(proxy, 4).await, map(&[("t2", 4)]));
 }
 
 /// Two instances fed the same answer place the same clients on the same
@@ -702,7 +739,7 @@ async fn ipv6_addresses_are_discovered_and_addressable() {
     let (v4, v6) = (ip("127.0.0.2"), ip("::1"));
     let (port, _servers) = same_port(&[v4, v6]).await;
     let dns = block_in_place(Dnsmasq::start);
-    block_in_place(|| dns.set("six.test", &[v4, v6]));
+    block_in_place(|| dns.set("six.test", &[v6, v4]));
     let conf = fast(&dns, format!("six.test:{port}"));
     let d = block_in_place(|| Daemon::start(&conf.toml()));
     let (admin, proxy) = (d.admin.unwrap(), d.addr("l"));
