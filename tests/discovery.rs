@@ -408,7 +408,6 @@ async fn discovered_addresses_join_and_leave_with_dns() {
     wait_for("b3's session closed", || servers[1].open() == 0).await;
 
     assert!(lookups(admin, "success").await >= 3.0);
-    assert_eq!(lookups(admin, "failure").await, 0.0);
 }
 
 /// With dnsmasq gone every lookup fails, and the last known set stays —
@@ -496,7 +495,6 @@ async fn empty_answer_empties_the_set_only_after_hold() {
     );
     closed_without_greeting(proxy).await;
     assert!(lookups(admin, "empty").await >= 2.0);
-    assert_eq!(lookups(admin, "failure").await, 0.0);
 }
 
 /// SRV: the lowest priority serves; every higher one forms one backup
@@ -651,7 +649,6 @@ async fn unresolvable_at_start_fills_in_later() {
     wait_serving(admin, &[disc(b2, port)]).await;
     assert_eq!(spread(proxy, 3).await, map(&[("b2", 3)]));
     assert!(lookups(admin, "success").await >= 1.0);
-    assert_eq!(lookups(admin, "failure").await, 0.0);
 }
 
 /// An operator's drain on a discovered backend, by its percent-encoded
