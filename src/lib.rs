@@ -32,8 +32,13 @@
 //!
 //! Control plane:
 //! - `backend_set` — the one owner of each listener's backend set: takes
-//!   reloads, health flips and admin changes, runs the probes, rebuilds and
-//!   publishes the route.
+//!   reloads, health flips, discovered addresses and admin changes, runs the
+//!   probes and watches, rebuilds and publishes the route.
+//! - `discovery` — a watch per `discover = "dns"` entry, source kinds behind
+//!   `discovery::Source` (`discovery::dns`: A/AAAA and SRV), and what to
+//!   believe of an answer (`discovery::Belief`).
+//! - `ticks` — first runs spread over a pool, ticks that never burst (probes
+//!   and watches share them).
 //! - `registry` — live state keyed by (listener, backend) across reloads.
 //! - `health` — probe tasks, probe kinds behind `health::Probe`
 //!   (`health::tcp`), and the rise/fall machine (`health::hysteresis`).

@@ -102,6 +102,8 @@ pub struct Metrics {
     /// Live health-check handle sets, shared the same way (a probe that is
     /// being replaced and its successor).
     checks: Mutex<HashMap<SeriesKey, Weak<CheckMetrics>>>,
+    /// Live DNS lookup counter sets, shared the same way.
+    lookups: Mutex<HashMap<SeriesKey, Weak<LookupMetrics>>>,
 }
 
 /// (listener, backend) label values of one backend's series.
@@ -209,6 +211,7 @@ impl Metrics {
             registry,
             backends: Mutex::default(),
             checks: Mutex::default(),
+            lookups: Mutex::default(),
         });
         // Both results exist from the start at 0, so the first failure is
         // an increase that `increase()` (and the reload alert) can see.
@@ -296,16 +299,31 @@ impl Metrics {
         Some((m.ok.get(), m.failed.get()))
     }
 
-    /// The lookup counters of a discovered entry, held by its watch; its
-    /// series go when the watch does. All three exist from the start at 0.
-    pub fn dns_lookups(self: &Arc<Self>, listener: &str, entry: &str) -> LookupMetrics {
-        let result = |r| self.dns_lookups.with_label_values(&[listener, entry, r]);
-        LookupMetrics {
+    /// The lookup counters of a discovered entry, shared while any holder
+    /// (its watch, and a replaced watch that is still winding down) lives;
+    /// the series go with the last. All three exist from the start at 0.
+    pub fn dns_lookups(
+        self: &Arc<Self>,
+        listener: &Arc<str>,
+        entry: &Arc<str>,
+    ) -> Arc<LookupMetrics> {
+        let mut live = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (listener.clone(), entry.clone());
+        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let result = |r| {
+            self.dns_lookups
+                .with_label_values(&[&**listener, &**entry, r])
+        };
+        let m = Arc::new(LookupMetrics {
             success: result("success"),
             empty: result("empty"),
             failure: result("failure"),
-            owner: Some((Arc::downgrade(self), (listener.into(), entry.into()))),
-        }
+            owner: Some((Arc::downgrade(self), key.clone())),
+        });
+        live.insert(key, Arc::downgrade(&m));
+        m
     }
 
     /// The handles of one listener.
@@ -549,11 +567,14 @@ impl LookupMetrics {
 
 impl Drop for LookupMetrics {
     fn drop(&mut self) {
-        if let Some((metrics, (l, b))) = &self.owner
+        if let Some((metrics, key)) = &self.owner
             && let Some(metrics) = metrics.upgrade()
+            && last_holder_gone(&metrics.lookups, key)
         {
             for r in ["success", "empty", "failure"] {
-                let _ = metrics.dns_lookups.remove_label_values(&[l, b, r]);
+                let _ = metrics
+                    .dns_lookups
+                    .remove_label_values(&[&*key.0, &*key.1, r]);
             }
         }
     }

@@ -220,6 +220,18 @@ address = "127.0.0.1:7002"
                 }],
             ),
             (
+                "fixed address becomes a discovered name",
+                BASE.replace(
+                    "address = \"127.0.0.1:7002\"",
+                    "address = \"b.internal:7002\"\ndiscover = \"dns\"",
+                ),
+                vec![Change::BackendChanged {
+                    listener: l("pg"),
+                    backend: l("b"),
+                    address_changed: true,
+                }],
+            ),
+            (
                 "settings changed, same socket",
                 BASE.replace(
                     "bind = \"127.0.0.1:6000\"",

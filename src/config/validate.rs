@@ -626,7 +626,9 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{error, load};
-    use crate::config::{CheckKind, Role};
+    use crate::config::{BackendEntry, CheckKind, DnsBackend, DnsQuery, DnsSettings, Role};
+    use std::net::SocketAddr;
+    use std::time::Duration;
 
     #[test]
     fn semantic_errors_name_the_field_and_line() {
@@ -861,6 +863,111 @@ mod tests {
             (h.kind, h.path.as_str(), h.role),
             (CheckKind::Http, "/", Role::Any)
         );
+    }
+
+    #[test]
+    fn discovered_entries_and_dns_settings() {
+        let c = load(
+            "[global]\ndns_servers = [\"10.0.0.2\", \"127.0.0.1:8600\", \"[::1]:53\"]\ndns_interval = \"1s\"\ndns_hold = \"0s\"\n\
+             [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n\
+             [[listener.backend]]\nname = \"web\"\naddress = \"web.internal:8080\"\ndiscover = \"dns\"\nweight = 3\nbackup = true\n\
+             [[listener.backend]]\nname = \"pg\"\naddress = \"_pg._tcp.service.consul\"\ndiscover = \"dns\"\nmax_connections = 5\n\
+             [[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\ndiscover = \"once\"\n",
+        )
+        .unwrap();
+        let servers: Vec<SocketAddr> = ["10.0.0.2:53", "127.0.0.1:8600", "[::1]:53"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.dns.servers.as_ref(), Some(&servers));
+        assert_eq!(
+            (c.dns.interval, c.dns.hold),
+            (Duration::from_secs(1), Duration::ZERO)
+        );
+        let b = &c.listeners[0].backends;
+        assert_eq!(
+            b[0],
+            BackendEntry::Dns(DnsBackend {
+                name: "web".into(),
+                query: DnsQuery::Host {
+                    host: "web.internal".into(),
+                    port: 8080
+                },
+                weight: 3,
+                backup: true,
+                max_connections: None,
+            })
+        );
+        let BackendEntry::Dns(pg) = &b[1] else {
+            panic!("{:?}", b[1])
+        };
+        assert_eq!(
+            (&pg.query, pg.max_connections),
+            (
+                &DnsQuery::Srv {
+                    name: "_pg._tcp.service.consul".into()
+                },
+                Some(5)
+            )
+        );
+        assert!(b[2].fixed().is_some());
+        let defaults = load("").unwrap().dns;
+        assert_eq!(defaults, DnsSettings::default());
+        assert_eq!(
+            (defaults.servers, defaults.interval, defaults.hold),
+            (None, Duration::from_secs(5), Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn discovery_mistakes_name_their_field() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.backend]]\nname = \"x\"\n";
+        let cases = [
+            (
+                format!("{listener}address = \"10.0.0.1:80\"\ndiscover = \"dns\"\n"),
+                "test.toml:6:11: listener[0].backend[0].address: `10.0.0.1:80` is an address, not a name",
+            ),
+            (
+                format!("{listener}address = \"web.internal\"\ndiscover = \"dns\"\n"),
+                "test.toml:6:11: listener[0].backend[0].address: `web.internal` needs a port",
+            ),
+            (
+                format!("{listener}address = \"web.internal:0\"\ndiscover = \"dns\"\n"),
+                "test.toml:6:11: listener[0].backend[0].address: `0` in `web.internal:0` is not a port",
+            ),
+            (
+                format!("{listener}address = \"web internal:80\"\ndiscover = \"dns\"\n"),
+                "test.toml:6:11: listener[0].backend[0].address: `web internal` is not a DNS name",
+            ),
+            (
+                format!("{listener}address = \"_pg._tcp.db\"\ndiscover = \"dns\"\nweight = 2\n"),
+                "test.toml:8:10: listener[0].backend[0].weight: an SRV name's backends take the weights of its records",
+            ),
+            (
+                format!("{listener}address = \"_pg._tcp.db\"\n"),
+                "test.toml:6:11: listener[0].backend[0].address: `_pg._tcp.db` is an SRV name: it needs `discover = \"dns\"`",
+            ),
+            (
+                format!("{listener}address = \"web.internal:80\"\ndiscover = \"always\"\n"),
+                "test.toml:7:12: listener[0].backend[0].discover: unknown variant `always`",
+            ),
+            (
+                "[global]\ndns_servers = [\"10.0.0.2\", \"dns.internal\"]\n".into(),
+                "test.toml:2:28: global.dns_servers[1]: `dns.internal` is not an IP address",
+            ),
+            (
+                "[global]\ndns_servers = []\n".into(),
+                "test.toml:2:15: global.dns_servers: is empty",
+            ),
+            (
+                "[global]\ndns_interval = \"0s\"\n".into(),
+                "test.toml:2:16: global.dns_interval: must be greater than zero",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error(&text);
+            assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
+        }
     }
 
     #[test]

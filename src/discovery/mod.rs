@@ -308,13 +308,13 @@ pub struct Primed {
     target: Target,
     params: Params,
     belief: Belief,
-    metrics: LookupMetrics,
+    metrics: Arc<LookupMetrics>,
     last: Option<Kind>,
 }
 
 impl Primed {
     /// Look `target` up once now.
-    pub async fn new(target: Target, params: Params, metrics: LookupMetrics) -> Primed {
+    pub async fn new(target: Target, params: Params, metrics: Arc<LookupMetrics>) -> Primed {
         let mut primed = Primed {
             target,
             params,
@@ -356,7 +356,7 @@ impl Primed {
 pub fn spawn(
     target: Target,
     params: Params,
-    metrics: LookupMetrics,
+    metrics: Arc<LookupMetrics>,
     first_delay: Duration,
     report: impl Fn(Vec<Found>) + Send + 'static,
 ) -> WatchHandle {
@@ -579,7 +579,7 @@ mod tests {
             entry: "web".into(),
             query: "web.internal:80".into(),
         };
-        let metrics = LookupMetrics::detached();
+        let metrics = Arc::new(LookupMetrics::detached());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let _watch = spawn(target, params, metrics, Duration::ZERO, move |set| {
             let _ = tx.send((Instant::now(), set));
