@@ -5,8 +5,9 @@
 //! reload's new config, a health flip from a probe, a discovered name's new
 //! set of addresses, an operator's admin state. The owner alone applies
 //! them to the members' live state, starts and stops their probes and
-//! watches, rebuilds the listener's [`Route`] and publishes it. Updates that arrive while a rebuild runs coalesce into the next one,
-//! and nothing else writes the route, so no two rebuilds race.
+//! watches, rebuilds the listener's [`Route`] and publishes it. Updates
+//! that arrive while a rebuild runs coalesce into the next one, and nothing
+//! else writes the route, so no two rebuilds race.
 //!
 //! Callers that must know the change is in effect (a reload, the admin API:
 //! once it says 200, no new connection goes to a drained backend) wait for
@@ -167,7 +168,7 @@ struct Watch {
     entry: DnsBackend,
     id: u64,
     found: Vec<Found>,
-    _handle: WatchHandle,
+    handle: WatchHandle,
 }
 
 /// One backend of the set and its probe.
@@ -258,12 +259,10 @@ impl Owner {
         self.retire_all();
     }
 
-    /// Take a config (at start, or a reload's): kept backends keep their
-    /// live state and probe (which gets the new check settings), a backend
-    /// whose address changed is another server now and is judged afresh,
-    /// new ones join and are probed at once, removed ones go. Discovered
-    /// names keep their watch and last answer, and are looked up again at
-    /// once; `primed` holds the first answers of a starting listener.
+    /// Take a config (at start, or a reload's): its settings, its
+    /// discovered names (kept ones keep their watch and last answer and are
+    /// looked up again at once; `primed` holds the first answers of a
+    /// starting listener), then its members.
     fn apply_config(
         &mut self,
         config: Arc<ListenerConfig>,
@@ -297,16 +296,13 @@ impl Owner {
                 .and_then(Option::take);
             let watch = match same {
                 Some(mut w) if w.entry.query == entry.query => {
-                    w._handle.refresh(params, spread);
+                    w.handle.refresh(params, spread);
                     w.entry = (*entry).clone();
                     w
                 }
-                replaced => {
-                    // The old watch's series go before the new one's are
-                    // made: they have the same labels.
-                    drop(replaced);
-                    self.start_watch(entry, params, primed.remove(&entry.name), spread)
-                }
+                // A new name for the entry: a new watch, from nothing (its
+                // lookup counters carry over: same labels).
+                _ => self.start_watch(entry, params, primed.remove(&entry.name), spread),
             };
             watches.push(watch);
         }
@@ -346,7 +342,7 @@ impl Owner {
             entry: entry.clone(),
             id,
             found,
-            _handle: handle,
+            handle,
         }
     }
 

@@ -211,7 +211,7 @@ pub struct DnsBackend {
 }
 
 /// What a discovered entry asks DNS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DnsQuery {
     /// A and AAAA records of `host`, every address on `port`.
     Host { host: String, port: u16 },

@@ -20,7 +20,7 @@
 //! empties a pool, and a name that is really gone is dropped.
 //!
 //! A new discovery kind is one file here with a type that implements
-//! [`Source`], plus its arm in [`source_for`] and its config fields. Kinds:
+//! [`Source`], plus its arm in `source_for` and its config fields. Kinds:
 //! [`dns`] (A/AAAA of a host name, SRV).
 
 pub mod dns;
@@ -29,10 +29,11 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use hashbrown::HashMap;
+use tokio::sync::{OnceCell, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -110,18 +111,38 @@ pub trait Source: Send + Sync + fmt::Debug {
     fn lookup(&self) -> LookupFuture<'_>;
 }
 
-/// What lookups of discovered names share: the resolver and the global
-/// timing. Cheap to clone; rebuilt when `[global]`'s DNS settings change.
+/// What lookups of discovered names share: the resolver, the global
+/// timing, and one source per name, so that listeners which name the same
+/// one never have more than one lookup of it in flight. Cheap to clone;
+/// rebuilt when `[global]`'s DNS settings change.
 #[derive(Debug, Clone)]
 pub struct Discovery {
     pub settings: DnsSettings,
     resolver: Arc<dns::Resolver>,
+    sources: Arc<Mutex<HashMap<DnsQuery, Weak<Coalesced>>>>,
 }
 
 impl Discovery {
     pub fn new(settings: DnsSettings) -> Discovery {
         let resolver = Arc::new(dns::Resolver::new(&settings));
-        Discovery { settings, resolver }
+        Discovery {
+            settings,
+            resolver,
+            sources: Arc::default(),
+        }
+    }
+
+    /// The source that resolves `query`, shared by every entry that asks
+    /// the same.
+    pub fn source(&self, query: &DnsQuery) -> Arc<dyn Source> {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.retain(|_, s| s.strong_count() > 0);
+        if let Some(shared) = sources.get(query).and_then(Weak::upgrade) {
+            return shared;
+        }
+        let shared = Arc::new(Coalesced::new(source_for(query, &self.resolver)));
+        sources.insert(query.clone(), Arc::downgrade(&shared));
+        shared
     }
 
     /// How long one lookup may take.
@@ -136,9 +157,44 @@ impl Default for Discovery {
     }
 }
 
-/// The source that resolves `query`.
-pub fn source_for(query: &DnsQuery, discovery: &Discovery) -> Arc<dyn Source> {
-    dns::source(query, &discovery.resolver)
+/// The source kind that resolves `query`.
+fn source_for(query: &DnsQuery, resolver: &Arc<dns::Resolver>) -> Arc<dyn Source> {
+    dns::source(query, resolver)
+}
+
+/// A source whose callers share one lookup while it is in flight: a
+/// caller that comes while one runs waits for its answer instead of
+/// asking again.
+#[derive(Debug)]
+pub struct Coalesced {
+    inner: Arc<dyn Source>,
+    current: Mutex<Option<Arc<OnceCell<Answer>>>>,
+}
+
+impl Coalesced {
+    pub fn new(inner: Arc<dyn Source>) -> Coalesced {
+        Coalesced {
+            inner,
+            current: Mutex::new(None),
+        }
+    }
+}
+
+impl Source for Coalesced {
+    fn lookup(&self) -> LookupFuture<'_> {
+        Box::pin(async move {
+            let cell = {
+                let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+                match &*current {
+                    Some(running) if running.get().is_none() => running.clone(),
+                    _ => current.insert(Arc::default()).clone(),
+                }
+            };
+            // If the caller running the lookup gives up (its timeout), a
+            // waiting one runs the next: still one at a time.
+            cell.get_or_init(|| self.inner.lookup()).await.clone()
+        })
+    }
 }
 
 /// How a watch looks its name up: the source and the timing.
@@ -153,7 +209,7 @@ pub struct Params {
 impl Params {
     pub fn new(query: &DnsQuery, discovery: &Discovery) -> Params {
         Params {
-            source: source_for(query, discovery),
+            source: discovery.source(query),
             interval: discovery.settings.interval,
             timeout: discovery.timeout(),
             hold: discovery.settings.hold,
@@ -401,7 +457,6 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     fn found(addr: &str) -> Found {
         Found {
@@ -523,6 +578,7 @@ mod tests {
         answers: Mutex<Vec<(Duration, Answer)>>,
         in_flight: std::sync::atomic::AtomicUsize,
         max_in_flight: std::sync::atomic::AtomicUsize,
+        calls: std::sync::atomic::AtomicUsize,
     }
 
     impl Source for Scripted {
@@ -545,6 +601,7 @@ mod tests {
                         self.0.fetch_sub(1, SeqCst);
                     }
                 }
+                self.calls.fetch_add(1, SeqCst);
                 let now = self.in_flight.fetch_add(1, SeqCst) + 1;
                 self.max_in_flight.fetch_max(now, SeqCst);
                 let _counted = InFlight(&self.in_flight);
@@ -552,6 +609,24 @@ mod tests {
                 answer
             })
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_of_one_name_share_the_lookup_in_flight() {
+        let scripted = Arc::new(Scripted {
+            answers: Mutex::new(vec![(Duration::from_secs(1), set(&["10.0.0.1:80"]))]),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+            calls: Default::default(),
+        });
+        let shared = Coalesced::new(scripted.clone());
+        let (a, b) = tokio::join!(shared.lookup(), shared.lookup());
+        assert_eq!(a, set(&["10.0.0.1:80"]));
+        assert_eq!(a, b);
+        assert_eq!(scripted.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Once answered, the next lookup asks again.
+        shared.lookup().await;
+        assert_eq!(scripted.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -567,6 +642,7 @@ mod tests {
             ]),
             in_flight: Default::default(),
             max_in_flight: Default::default(),
+            calls: Default::default(),
         });
         let params = Params {
             source: source.clone(),
