@@ -236,58 +236,51 @@ impl Metrics {
         listener: &Arc<str>,
         backend: &Arc<str>,
     ) -> Arc<BackendMetrics> {
-        let mut live = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         let key = (listener.clone(), backend.clone());
-        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
-            return existing;
-        }
-        let l = [&**listener, &**backend];
-        let m = Arc::new(BackendMetrics {
-            connections: self.connections.with_label_values(&l),
-            active: self.active.with_label_values(&l),
-            bytes_client_to_backend: self.bytes.with_label_values(&[
-                &**listener,
-                &**backend,
-                "client_to_backend",
-            ]),
-            bytes_backend_to_client: self.bytes.with_label_values(&[
-                &**listener,
-                &**backend,
-                "backend_to_client",
-            ]),
-            up: self.backend_up.with_label_values(&l),
-            connect_errors: self.connect_errors.with_label_values(&l),
-            http: OnceLock::new(),
-            http_family: self.http_requests.clone(),
-            owner: Some((Arc::downgrade(self), key.clone())),
-        });
-        m.up.set(1);
-        live.insert(key, Arc::downgrade(&m));
-        m
+        shared(&self.backends, key, |key| {
+            let l = [&**listener, &**backend];
+            let m = BackendMetrics {
+                connections: self.connections.with_label_values(&l),
+                active: self.active.with_label_values(&l),
+                bytes_client_to_backend: self.bytes.with_label_values(&[
+                    &**listener,
+                    &**backend,
+                    "client_to_backend",
+                ]),
+                bytes_backend_to_client: self.bytes.with_label_values(&[
+                    &**listener,
+                    &**backend,
+                    "backend_to_client",
+                ]),
+                up: self.backend_up.with_label_values(&l),
+                connect_errors: self.connect_errors.with_label_values(&l),
+                http: OnceLock::new(),
+                http_family: self.http_requests.clone(),
+                owner: Some((Arc::downgrade(self), key.clone())),
+            };
+            m.up.set(1);
+            m
+        })
     }
 
     /// The health-check handles of one backend, shared while any holder
     /// (its probe) lives.
     pub fn checks(self: &Arc<Self>, listener: &Arc<str>, backend: &Arc<str>) -> Arc<CheckMetrics> {
-        let mut live = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         let key = (listener.clone(), backend.clone());
-        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
-            return existing;
-        }
-        let result = |r| {
-            self.health_checks
-                .with_label_values(&[&**listener, &**backend, r])
-        };
-        let m = Arc::new(CheckMetrics {
-            ok: result("success"),
-            failed: result("failure"),
-            duration: self
-                .health_check_duration
-                .with_label_values(&[&**listener, &**backend]),
-            owner: Some((Arc::downgrade(self), key.clone())),
-        });
-        live.insert(key, Arc::downgrade(&m));
-        m
+        shared(&self.checks, key, |key| {
+            let result = |r| {
+                self.health_checks
+                    .with_label_values(&[&**listener, &**backend, r])
+            };
+            CheckMetrics {
+                ok: result("success"),
+                failed: result("failure"),
+                duration: self
+                    .health_check_duration
+                    .with_label_values(&[&**listener, &**backend]),
+                owner: Some((Arc::downgrade(self), key.clone())),
+            }
+        })
     }
 
     /// (successful, failed) health checks of a backend that is being
@@ -307,23 +300,19 @@ impl Metrics {
         listener: &Arc<str>,
         entry: &Arc<str>,
     ) -> Arc<LookupMetrics> {
-        let mut live = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
         let key = (listener.clone(), entry.clone());
-        if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
-            return existing;
-        }
-        let result = |r| {
-            self.dns_lookups
-                .with_label_values(&[&**listener, &**entry, r])
-        };
-        let m = Arc::new(LookupMetrics {
-            success: result("success"),
-            empty: result("empty"),
-            failure: result("failure"),
-            owner: Some((Arc::downgrade(self), key.clone())),
-        });
-        live.insert(key, Arc::downgrade(&m));
-        m
+        shared(&self.lookups, key, |key| {
+            let result = |r| {
+                self.dns_lookups
+                    .with_label_values(&[&**listener, &**entry, r])
+            };
+            LookupMetrics {
+                success: result("success"),
+                empty: result("empty"),
+                failure: result("failure"),
+                owner: Some((Arc::downgrade(self), key.clone())),
+            }
+        })
     }
 
     /// The handles of one listener.
@@ -381,6 +370,22 @@ impl Metrics {
             let _ = self.health_checks.remove_label_values(&[l, b, r]);
         }
     }
+}
+
+/// The live handle set for `key`, or a new one from `make` registered in
+/// `live`: holders of one series key share one set.
+fn shared<T>(
+    live: &Mutex<HashMap<SeriesKey, Weak<T>>>,
+    key: SeriesKey,
+    make: impl FnOnce(&SeriesKey) -> T,
+) -> Arc<T> {
+    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = live.get(&key).and_then(Weak::upgrade) {
+        return existing;
+    }
+    let m = Arc::new(make(&key));
+    live.insert(key, Arc::downgrade(&m));
+    m
 }
 
 /// Drop `key` from a live map unless it was handed out again meanwhile (a

@@ -40,6 +40,11 @@ impl Resolver {
     pub fn new(settings: &DnsSettings) -> Resolver {
         Resolver(build(settings))
     }
+
+    /// The resolver, or the failed answer every lookup gives without one.
+    fn get(&self) -> Result<&TokioResolver, Answer> {
+        self.0.as_ref().map_err(|why| Answer::Failed(why.clone()))
+    }
 }
 
 fn build(settings: &DnsSettings) -> Result<TokioResolver, String> {
@@ -106,9 +111,9 @@ struct HostLookup {
 impl Source for HostLookup {
     fn lookup(&self) -> LookupFuture<'_> {
         Box::pin(async move {
-            let resolver = match &self.resolver.0 {
+            let resolver = match self.resolver.get() {
                 Ok(r) => r,
-                Err(why) => return Answer::Failed(why.clone()),
+                Err(failed) => return failed,
             };
             match addresses(resolver, self.host.as_str()).await {
                 Ok(ips) => Answer::of(
@@ -136,9 +141,9 @@ struct SrvLookup {
 impl Source for SrvLookup {
     fn lookup(&self) -> LookupFuture<'_> {
         Box::pin(async move {
-            let resolver = match &self.resolver.0 {
+            let resolver = match self.resolver.get() {
                 Ok(r) => r,
-                Err(why) => return Answer::Failed(why.clone()),
+                Err(failed) => return failed,
             };
             let lookup = match resolver.srv_lookup(self.name.as_str()).await {
                 Ok(lookup) => lookup,

@@ -371,13 +371,7 @@ pub struct Primed {
 impl Primed {
     /// Look `target` up once now.
     pub async fn new(target: Target, params: Params, metrics: Arc<LookupMetrics>) -> Primed {
-        let mut primed = Primed {
-            target,
-            params,
-            belief: Belief::default(),
-            metrics,
-            last: None,
-        };
+        let mut primed = Primed::unprimed(target, params, metrics);
         look_up(
             &primed.target,
             &primed.params,
@@ -387,6 +381,17 @@ impl Primed {
         )
         .await;
         primed
+    }
+
+    /// A watch that knows nothing yet.
+    fn unprimed(target: Target, params: Params, metrics: Arc<LookupMetrics>) -> Primed {
+        Primed {
+            target,
+            params,
+            belief: Belief::default(),
+            metrics,
+            last: None,
+        }
     }
 
     /// The addresses believed after the first lookup.
@@ -416,14 +421,7 @@ pub fn spawn(
     first_delay: Duration,
     report: impl Fn(Vec<Found>) + Send + 'static,
 ) -> WatchHandle {
-    let primed = Primed {
-        target,
-        params,
-        belief: Belief::default(),
-        metrics,
-        last: None,
-    };
-    primed.start(first_delay, report)
+    Primed::unprimed(target, params, metrics).start(first_delay, report)
 }
 
 async fn run(
