@@ -258,6 +258,17 @@ address = "127.0.0.1:7002"
                 }],
             ),
             (
+                "tcp to udp on the same address needs another socket",
+                BASE.replace(
+                    "bind = \"127.0.0.1:6000\"",
+                    "bind = \"127.0.0.1:6000\"\nmode = \"udp\"",
+                ),
+                vec![Change::ListenerChanged {
+                    listener: l("pg"),
+                    rebind: true,
+                }],
+            ),
+            (
                 "bind changed",
                 BASE.replace("6000", "6001"),
                 vec![Change::ListenerChanged {

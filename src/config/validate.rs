@@ -697,7 +697,7 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{error, load};
-    use crate::config::{BackendEntry, CheckKind, DnsBackend, DnsQuery, DnsSettings, Role};
+    use crate::config::{BackendEntry, CheckKind, DnsBackend, DnsQuery, DnsSettings, Mode, Role};
     use std::net::SocketAddr;
     use std::time::Duration;
 
@@ -1033,6 +1033,80 @@ mod tests {
             (
                 "[global]\ndns_interval = \"0s\"\n".into(),
                 "test.toml:2:16: global.dns_interval: must be greater than zero",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error(&text);
+            assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn udp_listeners_take_only_what_applies_to_datagrams() {
+        let udp = "[[listener]]\nname = \"dns\"\nbind = \"127.0.0.1:53\"\nmode = \"udp\"\n";
+        let backend = "[[listener.backend]]\nname = \"a\"\naddress = \"127.0.0.1:5353\"\n";
+        let c = load(&format!("{udp}udp_replies = 1\n{backend}")).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.mode, Mode::Udp);
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        assert_eq!(l.udp_replies, Some(1));
+        assert_eq!(l.health_check.kind, CheckKind::None);
+        let tcp_check = load(&format!(
+            "{udp}[listener.health_check]\nkind = \"tcp\"\n{backend}"
+        ))
+        .unwrap();
+        assert_eq!(tcp_check.listeners[0].health_check.kind, CheckKind::Tcp);
+        // A tcp listener on the same address and port is another socket.
+        let both = format!(
+            "{udp}{backend}[[listener]]\nname = \"dns-tcp\"\nbind = \"127.0.0.1:53\"\n{backend}"
+        );
+        assert!(load(&both).is_ok());
+        let cases = [
+            (
+                format!("{udp}retries = 0\n{backend}"),
+                "test.toml:5:11: listener[0].retries: does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!("{udp}proxy_protocol = \"off\"\n{backend}"),
+                "test.toml:5:18: listener[0].proxy_protocol: does not apply",
+            ),
+            (
+                format!("{udp}queue_timeout = \"1s\"\n{backend}"),
+                "test.toml:5:17: listener[0].queue_timeout: does not apply",
+            ),
+            (
+                format!("{udp}[listener.sticky]\nmethod = \"lbcookie\"\n{backend}"),
+                "test.toml:5:1: listener[0].sticky: does not apply",
+            ),
+            (
+                format!("{udp}{backend}max_connections = 5\n"),
+                "test.toml:8:19: listener[0].backend[0].max_connections: does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!(
+                    "{udp}[listener.health_check]\nkind = \"postgres\"\nuser = \"u\"\n{backend}"
+                ),
+                "test.toml:6:8: listener[0].health_check.kind: kind = \"postgres\" does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!("{udp}udp_replies = 0\n{backend}"),
+                "test.toml:5:15: listener[0].udp_replies: must be at least 1",
+            ),
+            (
+                format!("{udp}header_timeout = \"1s\"\n{backend}"),
+                "test.toml:5:18: listener[0].header_timeout: only applies",
+            ),
+            (
+                format!(
+                    "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:1\"\nudp_replies = 1\n{backend}"
+                ),
+                "test.toml:4:15: listener[0].udp_replies: only applies to `mode = \"udp\"`",
+            ),
+            (
+                format!(
+                    "{udp}{backend}[[listener]]\nname = \"dns2\"\nbind = \"0.0.0.0:53\"\nmode = \"udp\"\n{backend}"
+                ),
+                "test.toml:10:8: listener[1].bind: `0.0.0.0:53` overlaps `127.0.0.1:53`",
             ),
         ];
         for (text, want) in cases {
