@@ -188,7 +188,8 @@ struct Live {
     ended: AtomicBool,
     /// Last datagram either way, in [`Clock`] milliseconds.
     last: AtomicU64,
-    /// Tripped by the receive task when a send met an ICMP error.
+    /// Tripped by the receive task when a send met an ICMP error (it
+    /// counts the error and remembers the backend itself).
     end: Tripwire,
 }
 
@@ -336,7 +337,10 @@ fn open(
         .expect("udp backends have no cap");
     backend.state.record_established();
     *next_id += 1;
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live {
+        last: AtomicU64::new(clock.now()),
+        ..Live::default()
+    });
     let toward = Arc::new(toward);
     let task = SessionTask {
         id: *next_id,
@@ -399,7 +403,10 @@ struct SessionTask {
 enum End {
     Idle,
     Replied,
+    /// The backend answered with an ICMP error.
     Refused,
+    /// The receive task met the backend's ICMP error (and counted it).
+    Told,
     Cut,
     Failed,
 }
@@ -428,7 +435,7 @@ impl SessionTask {
                 biased;
                 () = env.ctx.abort.tripped() => return End::Cut,
                 () = self.cut.tripped() => return End::Cut,
-                () = self.live.end.tripped() => return End::Refused,
+                () = self.live.end.tripped() => return End::Told,
                 () = env.stop.tripped(), if !lingering => {
                     lingering = true;
                     self.idle = self.idle.min(LINGER);
