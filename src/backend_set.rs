@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::backend::{AdminState, Backend, BackendState};
 use crate::config::{
-    BackendConfig, BackendEntry, CheckKind, DnsBackend, ListenerConfig, OnMarkedDown,
+    BackendConfig, BackendEntry, CheckKind, DnsBackend, ListenerConfig, Mode, OnMarkedDown,
 };
 use crate::discovery::{self, Discovery, Found, Params, Primed, WatchHandle};
 use crate::health::{self, Flip, ProbeHandle, Target};
@@ -221,6 +221,9 @@ impl Owner {
                         let old = self.member(&backend).map(|b| {
                             let old = b.state.admin_state();
                             b.state.set_admin_state(state);
+                            if state == AdminState::Maint && self.ends_sessions() {
+                                b.state.cut_connections();
+                            }
                             old
                         });
                         if old.is_some() {
@@ -386,6 +389,9 @@ impl Owner {
                 }
                 Some(m) => {
                     // Same name, new address: fresh health, same counters.
+                    if self.ends_sessions() {
+                        m.backend.state.cut_connections();
+                    }
                     m.backend.state.set_up(true);
                     let backend = Backend::new(b, m.backend.state.clone());
                     self.member_for(i, count, Arc::new(backend))
@@ -398,6 +404,9 @@ impl Owner {
             members.push(member);
         }
         for gone in old.into_iter().flatten() {
+            if self.ends_sessions() {
+                gone.backend.state.cut_connections();
+            }
             self.registry.retire(&config.name, &gone.backend.name);
         }
         self.members = members;
@@ -471,13 +480,21 @@ impl Owner {
         match flip {
             Flip::Down => {
                 state.set_up(false);
-                if self.settings.on_marked_down == OnMarkedDown::Shutdown {
+                if self.settings.on_marked_down == OnMarkedDown::Shutdown || self.ends_sessions() {
                     state.cut_connections();
                 }
             }
             Flip::Up => state.set_up(true),
         }
         true
+    }
+
+    /// Whether the listener's sessions end with their backend's turn:
+    /// a udp session has no connection to keep, so a backend that is down,
+    /// in maint or removed ends its sessions, and the clients' next
+    /// datagrams open sessions elsewhere.
+    fn ends_sessions(&self) -> bool {
+        self.settings.mode == Mode::Udp
     }
 
     fn member(&self, name: &str) -> Option<&Arc<Backend>> {

@@ -21,7 +21,8 @@
 //!   (HTTP mode; `proxy::http::pool` its backend keep-alive pool),
 //!   `proxy::lbcookie` (the cookie: id, find, strip, insert),
 //!   `proxy::queue` (per-backend caps and the fair queue),
-//!   `proxy::proxy_protocol` (PROXY v1/v2 headers).
+//!   `proxy::proxy_protocol` (PROXY v1/v2 headers), `proxy::udp` (UDP
+//!   mode: sessions by client address; `proxy::udp::batch`, `recvmmsg`).
 //! - `balancer` — the `balancer::Scheduler` trait and its algorithms
 //!   (`roundrobin`, `leastconn`, `source`), built into an immutable
 //!   `balancer::Pool`.

@@ -39,6 +39,7 @@ pub mod names {
     pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
     pub const ACCEPT_PAUSED_TOTAL: &str = "switchyard_accept_paused_total";
     pub const DNS_LOOKUPS_TOTAL: &str = "switchyard_dns_lookups_total";
+    pub const UDP_DATAGRAMS_TOTAL: &str = "switchyard_udp_datagrams_total";
     pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
         "switchyard_config_last_reload_success_timestamp_seconds";
 }
@@ -92,6 +93,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     connection_duration: HistogramVec,
     http_requests: IntCounterVec,
+    udp_datagrams: IntCounterVec,
     reloads: IntCounterVec,
     accept_paused: IntCounterVec,
     dns_lookups: IntCounterVec,
@@ -185,6 +187,11 @@ impl Metrics {
                 "HTTP requests answered, by backend and status code.",
                 &["listener", "backend", "code"],
             ),
+            udp_datagrams: counter(
+                UDP_DATAGRAMS_TOTAL,
+                "UDP datagrams relayed, by direction.",
+                &["listener", "backend", "direction"],
+            ),
             reloads: counter(
                 CONFIG_RELOADS_TOTAL,
                 "Configuration reloads, by result.",
@@ -256,6 +263,8 @@ impl Metrics {
                 connect_errors: self.connect_errors.with_label_values(&l),
                 http: OnceLock::new(),
                 http_family: self.http_requests.clone(),
+                udp: OnceLock::new(),
+                udp_family: self.udp_datagrams.clone(),
                 owner: Some((Arc::downgrade(self), key.clone())),
             };
             m.up.set(1);
@@ -355,6 +364,7 @@ impl Metrics {
         let _ = self.connect_errors.remove_label_values(&[l, b]);
         for d in ["client_to_backend", "backend_to_client"] {
             let _ = self.bytes.remove_label_values(&[l, b, d]);
+            let _ = self.udp_datagrams.remove_label_values(&[l, b, d]);
         }
         // HTTP codes are removed by the dropped `HttpCodes` itself.
     }
@@ -460,11 +470,36 @@ pub struct BackendMetrics {
     /// HTTP-mode response counters, created on first use.
     http: OnceLock<HttpCodes>,
     http_family: IntCounterVec,
+    /// UDP-mode datagram counters, created on first use.
+    udp: OnceLock<UdpDatagrams>,
+    udp_family: IntCounterVec,
     /// Where the series are registered, to remove them on drop.
     owner: Option<(Weak<Metrics>, SeriesKey)>,
 }
 
+/// A backend's datagram counters (UDP mode).
+#[derive(Debug)]
+pub struct UdpDatagrams {
+    pub client_to_backend: IntCounter,
+    pub backend_to_client: IntCounter,
+}
+
 impl BackendMetrics {
+    /// Datagram counters of this backend (UDP mode).
+    pub fn udp(&self) -> &UdpDatagrams {
+        self.udp.get_or_init(|| {
+            let (l, b) = self
+                .owner
+                .as_ref()
+                .map_or_else(|| (Arc::from(""), Arc::from("")), |(_, k)| k.clone());
+            let c = |d| self.udp_family.with_label_values(&[&*l, &*b, d]);
+            UdpDatagrams {
+                client_to_backend: c("client_to_backend"),
+                backend_to_client: c("backend_to_client"),
+            }
+        })
+    }
+
     /// Response counters of this backend (HTTP mode).
     pub fn http(&self) -> &HttpCodes {
         self.http.get_or_init(|| {
@@ -495,6 +530,12 @@ impl BackendMetrics {
             http: OnceLock::new(),
             http_family: IntCounterVec::new(Opts::new("r", "r"), &["listener", "backend", "code"])
                 .unwrap(),
+            udp: OnceLock::new(),
+            udp_family: IntCounterVec::new(
+                Opts::new("u", "u"),
+                &["listener", "backend", "direction"],
+            )
+            .unwrap(),
             owner: None,
         }
     }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{BackendEntry, Config, ListenerConfig};
+use crate::config::{BackendEntry, Config, ListenerConfig, Mode};
 
 /// One difference between the running config and the new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,9 +61,11 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             continue;
         };
         if !same_settings(o, n) {
+            // A udp listener and a tcp one need different sockets.
+            let udp = |l: &ListenerConfig| l.mode == Mode::Udp;
             changes.push(Change::ListenerChanged {
                 listener: n.name.clone(),
-                rebind: o.bind != n.bind,
+                rebind: o.bind != n.bind || udp(o) != udp(n),
             });
         }
         for nb in &n.backends {
@@ -127,6 +129,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         health_check,
         header_timeout,
         sticky,
+        udp_replies,
         backends: _,
     } = a;
     *name == b.name
@@ -146,6 +149,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *health_check == b.health_check
         && *header_timeout == b.header_timeout
         && *sticky == b.sticky
+        && *udp_replies == b.udp_replies
 }
 
 #[cfg(test)]
@@ -251,6 +255,17 @@ address = "127.0.0.1:7002"
                 vec![Change::ListenerChanged {
                     listener: l("pg"),
                     rebind: false,
+                }],
+            ),
+            (
+                "tcp to udp on the same address needs another socket",
+                BASE.replace(
+                    "bind = \"127.0.0.1:6000\"",
+                    "bind = \"127.0.0.1:6000\"\nmode = \"udp\"",
+                ),
+                vec![Change::ListenerChanged {
+                    listener: l("pg"),
+                    rebind: true,
                 }],
             ),
             (

@@ -7,7 +7,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::config::Keepalive;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// Pause after an accept error such as EMFILE: the error persists until some
 /// connection closes, and retrying at once would spin a core. HAProxy and
@@ -32,20 +32,62 @@ pub fn bind_listener(addr: SocketAddr, freebind: bool) -> io::Result<TcpListener
         }
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        if e.raw_os_error() == Some(EADDRNOTAVAIL) && !freebind {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "{e} (not an address of this host; for a virtual IP set `freebind = true`)"
-                ),
-            )
-        } else {
-            e
-        }
-    })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| explain_bind(e, freebind))?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Socket buffers asked for on a udp listener: room for a burst of a few
+/// thousand DNS-sized datagrams while the receive task is busy. The kernel
+/// caps the request at `net.core.rmem_max` / `wmem_max`.
+const UDP_LISTENER_BUFFER: usize = 4 << 20;
+
+/// Bind a udp listener's socket. No `SO_REUSEADDR`: for UDP it would let a
+/// second process bind the same port and take part of the traffic.
+pub fn bind_udp(addr: SocketAddr, freebind: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if freebind {
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+        }
+    }
+    // Best effort: a smaller buffer drops bursts sooner, nothing else.
+    let _ = socket.set_recv_buffer_size(UDP_LISTENER_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_LISTENER_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| explain_bind(e, freebind))?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket connected to `backend`, from an ephemeral port: the kernel
+/// then delivers only that backend's datagrams to it, and an ICMP port
+/// unreachable as `ECONNREFUSED`.
+pub fn udp_connected(backend: SocketAddr) -> io::Result<UdpSocket> {
+    // Non-blocking from creation: one system call fewer per session.
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )?;
+    socket.connect(&backend.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A bind error, with a hint when the address is not (yet) local.
+fn explain_bind(e: io::Error, freebind: bool) -> io::Error {
+    if e.raw_os_error() == Some(EADDRNOTAVAIL) && !freebind {
+        io::Error::new(
+            e.kind(),
+            format!("{e} (not an address of this host; for a virtual IP set `freebind = true`)"),
+        )
+    } else {
+        e
+    }
 }
 
 /// `EADDRNOTAVAIL` on Linux (asm-generic/errno.h): "cannot assign

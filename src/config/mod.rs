@@ -140,6 +140,8 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     /// HTTP mode: lbCookie stickiness.
     pub sticky: Option<Sticky>,
+    /// UDP mode: a session ends after this many replies.
+    pub udp_replies: Option<u32>,
     /// In file order.
     pub backends: Vec<BackendEntry>,
 }
@@ -272,6 +274,8 @@ pub enum Mode {
     Tcp,
     /// HTTP/1.1: every request routed on its own; needed for lbCookie.
     Http,
+    /// Datagrams: sessions keyed by client address.
+    Udp,
 }
 
 impl Mode {
@@ -279,6 +283,7 @@ impl Mode {
         match self {
             Mode::Tcp => "tcp",
             Mode::Http => "http",
+            Mode::Udp => "udp",
         }
     }
 }

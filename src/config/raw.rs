@@ -70,19 +70,21 @@ pub(super) struct RawListener {
     pub algorithm: Algorithm,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    #[serde(default = "defaults::retries")]
-    pub retries: u32,
+    /// Absent = 1h, or 30s on udp.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Absent = 2; an error on udp, as written.
+    pub retries: Option<u32>,
     #[serde(default)]
     pub freebind: bool,
     /// Source allow-list (CIDRs or addresses); absent = everyone.
     pub allow: Option<Vec<String>>,
     pub max_connections: Option<u32>,
-    #[serde(default = "defaults::queue_timeout", with = "humantime_serde")]
-    pub queue_timeout: Duration,
-    #[serde(default)]
-    pub proxy_protocol: ProxyProtocol,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// udp only: a session ends after this many replies.
+    pub udp_replies: Option<u32>,
     #[serde(default = "defaults::keepalive")]
     pub keepalive: bool,
     #[serde(default = "defaults::keepalive_idle", with = "humantime_serde")]
@@ -115,8 +117,8 @@ pub(super) struct RawHealthCheck {
     pub fall: u32,
     #[serde(default = "defaults::rise")]
     pub rise: u32,
-    #[serde(default)]
-    pub kind: CheckKind,
+    /// Absent = tcp, or none on udp.
+    pub kind: Option<CheckKind>,
     pub port: Option<u16>,
     pub role: Option<Role>,
     pub user: Option<String>,
@@ -132,7 +134,7 @@ impl Default for RawHealthCheck {
             timeout: defaults::check_timeout(),
             fall: defaults::fall(),
             rise: defaults::rise(),
-            kind: CheckKind::default(),
+            kind: None,
             port: None,
             role: None,
             user: None,
@@ -212,6 +214,13 @@ pub(super) mod defaults {
     /// abandoned ones do not pile up for days.
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(3600)
+    }
+    /// nginx stream's `proxy_timeout` default is 10m, Envoy's UDP proxy
+    /// idle timeout 60s; a UDP session is usually one exchange (DNS) or a
+    /// steady stream (syslog), so 30s frees sessions quickly without
+    /// splitting a live stream.
+    pub fn udp_idle_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     /// HAProxy's `retries` default is 3 on the same server; 2 attempts on
     /// other backends cover one dead backend plus one unlucky pick.

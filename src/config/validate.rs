@@ -30,7 +30,7 @@ impl Config {
         let (shutdown_timeout, dns) = global(raw.global, &root.key("global"))?;
         let mut listeners = Vec::with_capacity(raw.listeners.len());
         let mut names = HashSet::new();
-        let mut binds: Vec<SocketAddr> = Vec::new();
+        let mut binds = Vec::new();
         for (i, l) in raw.listeners.into_iter().enumerate() {
             let at = root.item("listener", i);
             listeners.push(Arc::new(listener(l, &at, &mut names, &mut binds)?));
@@ -115,13 +115,28 @@ fn listener(
     l: RawListener,
     at: &FieldPath,
     names: &mut HashSet<String>,
-    binds: &mut Vec<SocketAddr>,
+    binds: &mut Vec<(SocketAddr, bool)>,
 ) -> Result<ListenerConfig, FieldError> {
     listener_name(&l.name, &at.key("name"), names)?;
-    let bind = listener_bind(&l.bind, &at.key("bind"), binds)?;
+    let udp = l.mode == Mode::Udp;
+    let bind = listener_bind(&l.bind, udp, &at.key("bind"), binds)?;
     positive(l.connect_timeout, &at.key("connect_timeout"))?;
-    positive(l.idle_timeout, &at.key("idle_timeout"))?;
-    let health_check = health_check(l.health_check, &at.key("health_check"))?;
+    if udp {
+        not_on_udp(&l, at)?;
+    } else if l.udp_replies.is_some() {
+        return Err(err(
+            at.key("udp_replies"),
+            "only applies to `mode = \"udp\"`".into(),
+        ));
+    }
+    at_least_one(l.udp_replies, &at.key("udp_replies"))?;
+    let idle_timeout = l.idle_timeout.unwrap_or_else(if udp {
+        defaults::udp_idle_timeout
+    } else {
+        defaults::idle_timeout
+    });
+    positive(idle_timeout, &at.key("idle_timeout"))?;
+    let health_check = health_check(l.health_check, l.mode, &at.key("health_check"))?;
     let sticky = match l.sticky {
         None => None,
         Some(st) => Some(sticky(st, l.mode, &at.key("sticky"))?),
@@ -132,35 +147,56 @@ fn listener(
         Some(list) => Some(allow(list, at)?),
     };
     at_least_one(l.max_connections, &at.key("max_connections"))?;
-    positive(l.queue_timeout, &at.key("queue_timeout"))?;
-    proxy_protocol(l.proxy_protocol, l.mode, &at.key("proxy_protocol"))?;
+    let queue_timeout = l.queue_timeout.unwrap_or_else(defaults::queue_timeout);
+    positive(queue_timeout, &at.key("queue_timeout"))?;
+    let proxy_protocol = l.proxy_protocol.unwrap_or_default();
+    check_proxy_protocol(proxy_protocol, l.mode, &at.key("proxy_protocol"))?;
     let wanted = Keepalive {
         idle: l.keepalive_idle,
         interval: l.keepalive_interval,
         count: l.keepalive_count,
     };
     let keepalive = keepalive(l.keepalive, wanted, at)?;
-    let backends = backends(l.backends, &l.name, at)?;
+    let backends = backends(l.backends, &l.name, l.mode, at)?;
     Ok(ListenerConfig {
         name: l.name.into(),
         bind,
         mode: l.mode,
         algorithm: l.algorithm,
         connect_timeout: l.connect_timeout,
-        idle_timeout: l.idle_timeout,
-        retries: l.retries,
+        idle_timeout,
+        retries: l.retries.unwrap_or_else(defaults::retries),
         freebind: l.freebind,
         allow,
         max_connections: l.max_connections,
-        queue_timeout: l.queue_timeout,
-        proxy_protocol: l.proxy_protocol,
+        queue_timeout,
+        proxy_protocol,
         keepalive,
         on_marked_down: l.on_marked_down,
         health_check,
         header_timeout,
         sticky,
+        udp_replies: l.udp_replies,
         backends,
     })
+}
+
+/// What a udp listener may not set at all, whatever the value: stream
+/// and HTTP settings that would silently mean nothing for datagrams.
+fn not_on_udp(l: &RawListener, at: &FieldPath) -> Result<(), FieldError> {
+    let set = [
+        ("sticky", l.sticky.is_some()),
+        ("proxy_protocol", l.proxy_protocol.is_some()),
+        ("retries", l.retries.is_some()),
+        ("queue_timeout", l.queue_timeout.is_some()),
+    ];
+    if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+        return Err(err(
+            at.key(key),
+            "does not apply to `mode = \"udp\"` (a datagram is sent once, to one backend)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A listener's `name`: plain, and not taken by an earlier listener (in
@@ -178,11 +214,13 @@ fn listener_name(
 }
 
 /// A listener's `bind`: an IP address and port that no earlier listener
-/// (in `binds`, which it joins) would keep it from binding.
+/// of the same protocol (in `binds`, which it joins; `true` = udp) would
+/// keep it from binding. A udp and a tcp listener may share a port (DNS).
 fn listener_bind(
     text: &str,
+    udp: bool,
     at: &FieldPath,
-    binds: &mut Vec<SocketAddr>,
+    binds: &mut Vec<(SocketAddr, bool)>,
 ) -> Result<SocketAddr, FieldError> {
     let bind: SocketAddr = text.parse().map_err(|_| {
         err(
@@ -193,9 +231,10 @@ fn listener_bind(
     // The same address twice, or a wildcard (0.0.0.0, [::]) and any
     // address on the same port: the second bind would fail.
     if bind.port() != 0
-        && let Some(other) = binds.iter().find(|b: &&SocketAddr| {
-            b.port() == bind.port()
-                && (**b == bind || b.ip().is_unspecified() || bind.ip().is_unspecified())
+        && let Some((other, _)) = binds.iter().find(|(b, other_udp)| {
+            *other_udp == udp
+                && b.port() == bind.port()
+                && (*b == bind || b.ip().is_unspecified() || bind.ip().is_unspecified())
         })
     {
         return Err(err(
@@ -203,7 +242,7 @@ fn listener_bind(
             format!("`{bind}` overlaps `{other}` of another listener"),
         ));
     }
-    binds.push(bind);
+    binds.push((bind, udp));
     Ok(bind)
 }
 
@@ -223,7 +262,7 @@ fn header_timeout(
 
 /// A PROXY header only in tcp mode: HTTP mode says who the client is in a
 /// request header instead.
-fn proxy_protocol(pp: ProxyProtocol, mode: Mode, at: &FieldPath) -> Result<(), FieldError> {
+fn check_proxy_protocol(pp: ProxyProtocol, mode: Mode, at: &FieldPath) -> Result<(), FieldError> {
     if pp != ProxyProtocol::Off && mode == Mode::Http {
         return Err(err(
             at.clone(),
@@ -262,8 +301,24 @@ fn keepalive(on: bool, k: Keepalive, at: &FieldPath) -> Result<Option<Keepalive>
 
 /// `[listener.health_check]`: probes that end before the next one starts,
 /// and of each kind only its own fields.
-fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldError> {
+fn health_check(h: RawHealthCheck, mode: Mode, at: &FieldPath) -> Result<HealthCheck, FieldError> {
     positive(h.interval, &at.key("interval"))?;
+    // A udp service has no standard probe: none unless asked for tcp
+    // (DNS servers answer on TCP too).
+    let kind = h.kind.unwrap_or(if mode == Mode::Udp {
+        CheckKind::None
+    } else {
+        CheckKind::Tcp
+    });
+    if mode == Mode::Udp && !matches!(kind, CheckKind::None | CheckKind::Tcp) {
+        return Err(err(
+            at.key("kind"),
+            format!(
+                "kind = \"{}\" does not apply to `mode = \"udp\"` (\"none\" or \"tcp\")",
+                kind.as_str()
+            ),
+        ));
+    }
     positive(h.timeout, &at.key("timeout"))?;
     if h.timeout > h.interval {
         return Err(err(
@@ -280,17 +335,17 @@ fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldE
             return Err(err(at.key(key), "must be at least 1".into()));
         }
     }
-    check_kind_fields(&h, at)?;
+    check_kind_fields(&h, kind, at)?;
     if h.port == Some(0) {
         return Err(err(at.key("port"), "must be 1..=65535".into()));
     }
-    if h.kind == CheckKind::Postgres && h.user.is_none() {
+    if kind == CheckKind::Postgres && h.user.is_none() {
         return Err(err(
             at.key("user"),
             "kind = \"postgres\" needs `user` (the probe logs in)".into(),
         ));
     }
-    if h.kind == CheckKind::Mysql && h.role.is_some() && h.user.is_none() {
+    if kind == CheckKind::Mysql && h.role.is_some() && h.user.is_none() {
         return Err(err(
             at.key("role"),
             "needs `user`: the role is read after a login".into(),
@@ -310,7 +365,7 @@ fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldE
         timeout: h.timeout,
         fall: h.fall,
         rise: h.rise,
-        kind: h.kind,
+        kind,
         port: h.port,
         role: h.role.unwrap_or(Role::Any),
         user: h.user,
@@ -322,7 +377,11 @@ fn health_check(h: RawHealthCheck, at: &FieldPath) -> Result<HealthCheck, FieldE
 
 /// Each check kind takes only its own fields (SPEC's table); any other is
 /// an error naming it.
-fn check_kind_fields(h: &RawHealthCheck, at: &FieldPath) -> Result<(), FieldError> {
+fn check_kind_fields(
+    h: &RawHealthCheck,
+    kind: CheckKind,
+    at: &FieldPath,
+) -> Result<(), FieldError> {
     use CheckKind::*;
     let given: [(&'static str, bool, &[CheckKind]); 6] = [
         (
@@ -341,12 +400,12 @@ fn check_kind_fields(h: &RawHealthCheck, at: &FieldPath) -> Result<(), FieldErro
         ("path", h.path.is_some(), &[Http]),
     ];
     for (key, set, kinds) in given {
-        if set && !kinds.contains(&h.kind) {
+        if set && !kinds.contains(&kind) {
             return Err(err(
                 at.key(key),
                 format!(
                     "does not apply to kind = \"{}\" (it applies to {})",
-                    h.kind.as_str(),
+                    kind.as_str(),
                     kinds
                         .iter()
                         .map(|k| k.as_str())
@@ -386,6 +445,7 @@ fn sticky(st: RawSticky, mode: Mode, at: &FieldPath) -> Result<Sticky, FieldErro
 fn backends(
     raw: Vec<RawBackend>,
     listener: &str,
+    mode: Mode,
     at: &FieldPath,
 ) -> Result<Vec<BackendEntry>, FieldError> {
     if raw.is_empty() {
@@ -397,7 +457,18 @@ fn backends(
     let mut names = HashSet::new();
     raw.into_iter()
         .enumerate()
-        .map(|(j, b)| backend(b, listener, &at.item("backend", j), &mut names))
+        .map(|(j, b)| {
+            let at = at.item("backend", j);
+            if mode == Mode::Udp && b.max_connections.is_some() {
+                // Sessions cannot wait in a queue: there is nothing to hold.
+                return Err(err(
+                    at.key("max_connections"),
+                    "does not apply to `mode = \"udp\"` (cap the listener's sessions instead)"
+                        .into(),
+                ));
+            }
+            backend(b, listener, &at, &mut names)
+        })
         .collect()
 }
 
@@ -626,7 +697,7 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{error, load};
-    use crate::config::{BackendEntry, CheckKind, DnsBackend, DnsQuery, DnsSettings, Role};
+    use crate::config::{BackendEntry, CheckKind, DnsBackend, DnsQuery, DnsSettings, Mode, Role};
     use std::net::SocketAddr;
     use std::time::Duration;
 
@@ -962,6 +1033,80 @@ mod tests {
             (
                 "[global]\ndns_interval = \"0s\"\n".into(),
                 "test.toml:2:16: global.dns_interval: must be greater than zero",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error(&text);
+            assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn udp_listeners_take_only_what_applies_to_datagrams() {
+        let udp = "[[listener]]\nname = \"dns\"\nbind = \"127.0.0.1:53\"\nmode = \"udp\"\n";
+        let backend = "[[listener.backend]]\nname = \"a\"\naddress = \"127.0.0.1:5353\"\n";
+        let c = load(&format!("{udp}udp_replies = 1\n{backend}")).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.mode, Mode::Udp);
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        assert_eq!(l.udp_replies, Some(1));
+        assert_eq!(l.health_check.kind, CheckKind::None);
+        let tcp_check = load(&format!(
+            "{udp}[listener.health_check]\nkind = \"tcp\"\n{backend}"
+        ))
+        .unwrap();
+        assert_eq!(tcp_check.listeners[0].health_check.kind, CheckKind::Tcp);
+        // A tcp listener on the same address and port is another socket.
+        let both = format!(
+            "{udp}{backend}[[listener]]\nname = \"dns-tcp\"\nbind = \"127.0.0.1:53\"\n{backend}"
+        );
+        assert!(load(&both).is_ok());
+        let cases = [
+            (
+                format!("{udp}retries = 0\n{backend}"),
+                "test.toml:5:11: listener[0].retries: does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!("{udp}proxy_protocol = \"off\"\n{backend}"),
+                "test.toml:5:18: listener[0].proxy_protocol: does not apply",
+            ),
+            (
+                format!("{udp}queue_timeout = \"1s\"\n{backend}"),
+                "test.toml:5:17: listener[0].queue_timeout: does not apply",
+            ),
+            (
+                format!("{udp}[listener.sticky]\nmethod = \"lbcookie\"\n{backend}"),
+                "test.toml:5:1: listener[0].sticky: does not apply",
+            ),
+            (
+                format!("{udp}{backend}max_connections = 5\n"),
+                "test.toml:8:19: listener[0].backend[0].max_connections: does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!(
+                    "{udp}[listener.health_check]\nkind = \"postgres\"\nuser = \"u\"\n{backend}"
+                ),
+                "test.toml:6:8: listener[0].health_check.kind: kind = \"postgres\" does not apply to `mode = \"udp\"`",
+            ),
+            (
+                format!("{udp}udp_replies = 0\n{backend}"),
+                "test.toml:5:15: listener[0].udp_replies: must be at least 1",
+            ),
+            (
+                format!("{udp}header_timeout = \"1s\"\n{backend}"),
+                "test.toml:5:18: listener[0].header_timeout: only applies",
+            ),
+            (
+                format!(
+                    "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:1\"\nudp_replies = 1\n{backend}"
+                ),
+                "test.toml:4:15: listener[0].udp_replies: only applies to `mode = \"udp\"`",
+            ),
+            (
+                format!(
+                    "{udp}{backend}[[listener]]\nname = \"dns2\"\nbind = \"0.0.0.0:53\"\nmode = \"udp\"\n{backend}"
+                ),
+                "test.toml:10:8: listener[1].bind: `0.0.0.0:53` overlaps `127.0.0.1:53`",
             ),
         ];
         for (text, want) in cases {

@@ -84,6 +84,7 @@ pub async fn accept_loop(
                         let conn = http::serve(stream, peer, route.clone(), ctx.clone(), open);
                         ctx.tracker.spawn(conn.instrument(span));
                     }
+                    Mode::Udp => unreachable!("a udp listener has no TCP socket"),
                 }
             }
             Err(e) => {

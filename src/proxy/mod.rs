@@ -16,17 +16,18 @@ pub(crate) mod proxy_protocol;
 pub(crate) mod queue;
 pub(crate) mod relay;
 pub(crate) mod tcp;
+pub(crate) mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::balancer::Pool;
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Mode};
 use crate::metrics::ListenerMetrics;
 use crate::sync::Tripwire;
 
@@ -155,18 +156,25 @@ impl Default for ConnContext {
 #[derive(Debug)]
 pub enum Bound {
     Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 impl Bound {
     /// Bind the socket a listener's config asks for.
     pub fn bind(config: &ListenerConfig) -> std::io::Result<Bound> {
-        crate::sockets::bind_listener(config.bind, config.freebind).map(Bound::Tcp)
+        match config.mode {
+            Mode::Udp => crate::sockets::bind_udp(config.bind, config.freebind).map(Bound::Udp),
+            Mode::Tcp | Mode::Http => {
+                crate::sockets::bind_listener(config.bind, config.freebind).map(Bound::Tcp)
+            }
+        }
     }
 
     /// The address actually bound (port 0 resolved).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Bound::Tcp(l) => l.local_addr(),
+            Bound::Udp(s) => s.local_addr(),
         }
     }
 
@@ -176,6 +184,7 @@ impl Bound {
         let local_addr = self.local_addr().ok();
         let task = match self {
             Bound::Tcp(l) => tokio::spawn(accept::accept_loop(l, route, stop.clone(), ctx.clone())),
+            Bound::Udp(s) => tokio::spawn(udp::serve(s, route, stop.clone(), ctx.clone())),
         };
         Frontend {
             local_addr,

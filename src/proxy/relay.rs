@@ -42,12 +42,13 @@ thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A buffer from this thread's pool, returned to it on drop. Zeroed once
-/// when first allocated, then reused as is.
-struct PooledBuf(Box<[u8]>);
+/// A buffer of [`BUF_SIZE`] from this thread's pool, returned to it on
+/// drop. Zeroed once when first allocated, then reused as is. (UDP replies
+/// borrow one too: it holds the largest datagram.)
+pub(crate) struct PooledBuf(pub(crate) Box<[u8]>);
 
 impl PooledBuf {
-    fn take() -> PooledBuf {
+    pub(crate) fn take() -> PooledBuf {
         let buf = BUFFERS
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice());
