@@ -800,35 +800,49 @@ async fn ten_thousand_datagrams_are_each_answered_once() {
     ));
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let answered = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for id in 0..CLIENTS {
         let (permits, answered) = (permits.clone(), answered.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let client = Client::new(proxy).await;
             let mut got = vec![0u32; EACH];
             let mut backends = HashSet::new();
             let (mut sent, mut received) = (0usize, 0usize);
             let mut buf = vec![0u8; 2048];
             while received < EACH {
-                // Fill the window.
+                // Fill the window, as far as the global bound lets us. A
+                // client with replies to read never waits for a permit:
+                // reading them is what gives permits back.
                 while sent < EACH && sent - received < WINDOW {
-                    permits.acquire().await.unwrap().forget();
+                    let permit = if sent == received {
+                        permits.acquire().await.ok()
+                    } else {
+                        match permits.try_acquire() {
+                            Err(tokio::sync::TryAcquireError::NoPermits) => break,
+                            other => other.ok(),
+                        }
+                    };
+                    let Some(permit) = permit else {
+                        return Err(format!("client {id}: stopped (another client failed)"));
+                    };
+                    permit.forget();
                     client.send(format!("{id}:{sent}").as_bytes()).await;
                     sent += 1;
                 }
-                let (n, from) =
-                    match tokio::time::timeout(DEADLINE, client.socket.recv_from(&mut buf)).await {
-                        Ok(r) => r.unwrap(),
-                        Err(_) => {
-                            let missing: Vec<usize> = (0..sent).filter(|&s| got[s] == 0).collect();
-                            return Err(format!(
-                                "client {id}: no reply for {DEADLINE:?}; missing {missing:?}"
-                            ));
-                        }
-                    };
-                assert_eq!(from, proxy);
+                let Ok(r) = tokio::time::timeout(DEADLINE, client.socket.recv_from(&mut buf)).await
+                else {
+                    let missing: Vec<usize> = (0..sent).filter(|&s| got[s] == 0).collect();
+                    return Err(format!(
+                        "client {id}: no reply for {DEADLINE:?}; {received} received, \
+                         missing {missing:?}"
+                    ));
+                };
+                let (n, from) = r.unwrap();
+                if from != proxy {
+                    return Err(format!("client {id}: a reply from {from}"));
+                }
                 permits.add_permits(1);
-                let text = std::str::from_utf8(&buf[..n]).unwrap().to_owned();
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 let mut parts = text.split(':');
                 let (who, cid, seq) = (parts.next(), parts.next(), parts.next());
                 let seq: usize = seq.and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
@@ -844,14 +858,30 @@ async fn ten_thousand_datagrams_are_each_answered_once() {
                 answered.fetch_add(1, Ordering::Relaxed);
             }
             Ok(backends)
-        }));
+        });
     }
     let mut on = HashMap::new();
-    for t in tasks {
-        let backends = within("clients", t)
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{e}"));
+    // Each client gives up by itself after DEADLINE without a reply; the
+    // first to fail stops the others.
+    while let Some(done) = tasks.join_next().await {
+        let backends = match done.unwrap() {
+            Ok(b) => b,
+            Err(e) => {
+                permits.close();
+                let mut others = Vec::new();
+                while let Some(r) = tasks.join_next().await {
+                    if let Ok(Err(e)) = r {
+                        others.push(e);
+                    }
+                }
+                others.retain(|e| !e.contains("stopped"));
+                panic!(
+                    "{e}; {} replies in all; {} other clients failed: {others:?}",
+                    answered.load(Ordering::Relaxed),
+                    others.len()
+                );
+            }
+        };
         // Every datagram of a client went the way of its session.
         assert_eq!(
             backends.len(),
