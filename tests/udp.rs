@@ -1002,7 +1002,7 @@ async fn port_unreachable_is_a_connect_error_and_the_client_moves() {
         &format!("name = \"dead\"\naddress = \"{dead}\"\nweight = 10\n"),
     );
     assert!(toml.contains("weight = 10"));
-    let (_d, proxy, admin) = start(&toml);
+    let (d, proxy, admin) = start(&toml);
 
     let client = Client::new(proxy).await;
     client.send(b"lost").await;
@@ -1031,6 +1031,23 @@ async fn port_unreachable_is_a_connect_error_and_the_client_moves() {
         metric(admin, CONNECT_ERRORS, &[("backend", "live")]).await,
         0.0
     );
+    // Quiet now: an open session waits on its socket's readiness, and the
+    // error readiness the ICMP raised is consumed, so the daemon burns
+    // nothing (a task that kept waking would use the whole second).
+    let before = cpu_ticks(d.pid);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await; // a measurement window
+    let used = cpu_ticks(d.pid) - before;
+    assert!(used < 30, "{used} CPU ticks (1/100 s) in one quiet second");
+}
+
+/// User and system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 // ---------------------------------------------------------------------
