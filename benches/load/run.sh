@@ -178,11 +178,16 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# wait_udp PORT PID NAME : poll until a UDP socket is bound to 127.0.0.1:PORT (deadline 30 s)
+# wait_udp PORT PID NAME : poll until a UDP socket is bound to 127.0.0.1:PORT (deadline 30 s);
+# returns 1 when NAME exited because the port was taken since free_ports saw it free (on a
+# machine where tests open UDP sockets by the thousand, an ephemeral port can be)
 wait_udp() {
     local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 30))
     until ss -Hlun "sport = :$port" | grep -q .; do
-        alive "$pid" || { tail -n 20 "$TMP/$name.log" >&2; die "$name exited during start-up"; }
+        if ! alive "$pid"; then
+            grep -q 'Address already in use' "$TMP/$name.log" && { log "$name: udp :$port was taken; another port"; return 1; }
+            tail -n 20 "$TMP/$name.log" >&2; die "$name exited during start-up"
+        fi
         ((SECONDS < deadline)) || { tail -n 20 "$TMP/$name.log" >&2; die "$name did not bind udp :$port within 30 s"; }
         sleep 0.05
     done
@@ -403,12 +408,25 @@ check_http() {
 }
 
 # ---- row 6: UDP request/response (DNS-like), nginx stream instead of HAProxy (no UDP there)
-start_udp_echo() { # start_udp_echo PORT : the UDP echo backend (benches/load/udpload.rs)
-    start udp-echo "${PIN_LOAD[@]}" "$UDPLOAD_BIN" echo "127.0.0.1:$1"
-    wait_udp "$1" "$LAST_PID" udp-echo
+start_udp_echo() { # start_udp_echo -> ECHO_PORT : the UDP echo backend (benches/load/udpload.rs) on a port of its own choosing
+    local deadline=$((SECONDS + 30))
+    start udp-echo "${PIN_LOAD[@]}" "$UDPLOAD_BIN" echo 127.0.0.1:0
+    until ECHO_PORT=$(sed -n 's/^bound 127\.0\.0\.1://p' "$TMP/udp-echo.log") && [ -n "$ECHO_PORT" ]; do
+        alive "$LAST_PID" || { tail -n 20 "$TMP/udp-echo.log" >&2; die "udp-echo exited during start-up"; }
+        ((SECONDS < deadline)) || die "udp-echo did not bind within 30 s"
+        sleep 0.05
+    done
 }
 
-start_nginx_udp() { # start_nginx_udp LISTEN_PORT BACKEND_PORT -> NGX_PID
+start_nginx_udp() { # start_nginx_udp BACKEND_PORT -> NGX_PID NGX_PORT (3 tries at a free port)
+    local try
+    for try in 1 2 3; do
+        read -r NGX_PORT < <(free_ports 1 udp)
+        start_nginx_udp_at "$NGX_PORT" "$1" && return 0
+    done
+    die "nginx-udp: no free udp port in 3 tries"
+}
+start_nginx_udp_at() { # start_nginx_udp_at LISTEN_PORT BACKEND_PORT -> NGX_PID
     local dir=$TMP/nginx-udp
     mkdir -p "$dir/logs"
     # proxy_responses 1: a session ends with its one reply (a DNS query); proxy_timeout as
@@ -436,9 +454,18 @@ EOF
     wait_udp "$1" "$NGX_PID" nginx-udp
 }
 
-# start_switchyard_udp LISTEN_PORT BACKEND_PORT -> SY_PID; returns 1 (and adds a note) when
-# this build rejects the config.
+# start_switchyard_udp BACKEND_PORT -> SY_PID SY_PORT (3 tries at a free port); returns 1 (and
+# adds a note) when this build rejects the config.
 start_switchyard_udp() {
+    local try
+    for try in 1 2 3; do
+        read -r SY_PORT < <(free_ports 1 udp)
+        start_switchyard_udp_at "$SY_PORT" "$1" && return 0
+        (($? == 2)) && return 1
+    done
+    die "switchyard-udp: no free udp port in 3 tries"
+}
+start_switchyard_udp_at() { # start_switchyard_udp_at LISTEN_PORT BACKEND_PORT -> SY_PID; 2 = config rejected
     local cfg=$TMP/switchyard-udp.toml
     cat >"$cfg" <<EOF
 [[listener]]
@@ -455,7 +482,7 @@ EOF
     if ! "$SWITCHYARD_BIN" check --config "$cfg" >"$TMP/switchyard-udp-check.log" 2>&1; then
         log "switchyard rejects the UDP config:"; sed 's/^/    /' "$TMP/switchyard-udp-check.log" >&2
         NOTES+=("row 6: switchyard rejects the UDP config: $(grep -m1 . "$TMP/switchyard-udp-check.log")")
-        return 1
+        return 2
     fi
     start switchyard-udp "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$cfg"
     SY_PID=$LAST_PID
@@ -688,13 +715,12 @@ fi
 # Row 6: DNS-like UDP request/response, one echo backend; nginx stream stands in for HAProxy
 # (which has no UDP proxying). Both proxies run for the whole row, each idle while the other is measured.
 if want 6; then
-    read -r BP NP SP < <(free_ports 3 udp)
-    start_udp_echo "$BP"
-    start_nginx_udp "$NP" "$BP"
-    PORT_direct=$BP PORT_nginx=$NP PORT_switchyard=$SP PID_direct="" PID_nginx=$NGX_PID PID_switchyard=""
+    start_udp_echo
+    start_nginx_udp "$ECHO_PORT"
+    PORT_direct=$ECHO_PORT PORT_nginx=$NGX_PORT PID_direct="" PID_nginx=$NGX_PID
     UDP_TARGETS=(direct nginx)
-    if start_switchyard_udp "$SP" "$BP"; then
-        UDP_TARGETS+=(switchyard) PID_switchyard=$SY_PID
+    if start_switchyard_udp "$ECHO_PORT"; then
+        UDP_TARGETS+=(switchyard) PORT_switchyard=$SY_PORT PID_switchyard=$SY_PID
     else
         R[udp-rate,switchyard]=n/a R[udp-cpu,switchyard]=n/a R[udp-busy,switchyard]=n/a R[udp-lost,switchyard]=n/a
     fi

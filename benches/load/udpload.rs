@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! udpload echo ADDR
-//!     answer every datagram with the same bytes (recvmmsg/sendmmsg, one thread)
+//!     answer every datagram with the same bytes (recvmmsg/sendmmsg, one thread);
+//!     prints `bound IP:PORT` once bound (ADDR may have port 0)
 //! udpload load ADDR [--sockets N] [--outstanding K] [--size B] [--duration S]
 //!                   [--warmup S] [--timeout-ms MS] [--cpu-pid PID]...
 //!     keep K datagrams outstanding from N sockets (client source ports), at
@@ -85,6 +86,8 @@ const ECHO_MAX: usize = 2048;
 
 fn echo(bind: &str) -> io::Result<()> {
     let sock = UdpSocket::bind(addr(bind)?)?;
+    // With port 0 the kernel picks the port: say which (run.sh reads this line).
+    println!("bound {}", sock.local_addr()?);
     let fd = sock.as_raw_fd();
     let mut bufs = vec![[0u8; ECHO_MAX]; ECHO_BATCH];
     // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr (null pointers, zero lengths).
