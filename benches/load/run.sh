@@ -513,7 +513,7 @@ run_udp() { # run_udp TARGET PORT [PROXY_PID] : udpload against PORT; proxy CPU 
     for kv in $(grep -m1 '^replies=' "$out" || true); do u[${kv%%=*}]=${kv#*=}; done
     if [ -z "${u[rate]:-}" ]; then
         log "udpload against $t failed:"; sed 's/^/    /' "$out" >&2
-        add udp-rate "$t" err; add udp-cpu "$t" err; add udp-busy "$t" err; add udp-lost "$t" err
+        add udp-rate "$t" err; add udp-cpu "$t" err; add udp-busy "$t" err; add udp-wait "$t" err; add udp-lost "$t" err
         return
     fi
     add udp-rate "$t" "${u[rate]}"
@@ -521,12 +521,13 @@ run_udp() { # run_udp TARGET PORT [PROXY_PID] : udpload against PORT; proxy CPU 
     if [ -n "${3:-}" ]; then
         add udp-cpu "$t" "$(awk -v c="${u[cpu_s]}" -v n="${u[replies]}" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
         add udp-busy "$t" "$(awk -v c="${u[cpu_s]}" -v s="${u[seconds]}" 'BEGIN { printf "%.0f", 100 * c / s }')"
+        add udp-wait "$t" "$(awk -v w="${u[wait_s]}" -v s="${u[seconds]}" 'BEGIN { printf "%.0f", 100 * w / s }')"
     else
-        add udp-cpu "$t" n/a; add udp-busy "$t" n/a
+        add udp-cpu "$t" n/a; add udp-busy "$t" n/a; add udp-wait "$t" n/a
     fi
     ((u[lost] + u[late] + u[bad] + u[refused] + u[send_err] == 0)) ||
         NOTES+=("udp / $t / round $ROUND: ${u[lost]} lost (no reply within $UDP_TIMEOUT_MS ms), ${u[late]} late, ${u[bad]} bad, ${u[refused]} refused (ICMP), ${u[send_err]} send errors")
-    log "  udp $t: ${u[rate]} replies/s, ${u[lost]} lost${3:+, proxy CPU ${u[cpu_s]} s}"
+    log "  udp $t: ${u[rate]} replies/s, ${u[lost]} lost${3:+, proxy CPU ${u[cpu_s]} s, waited for it ${u[wait_s]} s}"
 }
 
 # log_problems NAME : add a note with the ERROR/WARN (switchyard) or ALERT/WARNING (HAProxy)
@@ -722,7 +723,7 @@ if want 6; then
     if start_switchyard_udp "$ECHO_PORT"; then
         UDP_TARGETS+=(switchyard) PORT_switchyard=$SY_PORT PID_switchyard=$SY_PID
     else
-        R[udp-rate,switchyard]=n/a R[udp-cpu,switchyard]=n/a R[udp-busy,switchyard]=n/a R[udp-lost,switchyard]=n/a
+        R[udp-rate,switchyard]=n/a R[udp-cpu,switchyard]=n/a R[udp-busy,switchyard]=n/a R[udp-wait,switchyard]=n/a R[udp-lost,switchyard]=n/a
     fi
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         log "row 6: UDP request/response, $UDP_OUTSTANDING outstanding from $UDP_SOCKETS sockets (round $ROUND/$ROUNDS)"
@@ -785,7 +786,8 @@ if want 6; then
          "of $UDP_SIZE bytes outstanding from $UDP_SOCKETS client sockets for ${DURATION}s (after ${WARMUP}s warm-up), a reply missing for"\
          "over $UDP_TIMEOUT_MS ms = lost; nginx stream \`listen udp\`, \`proxy_responses 1\`, \`proxy_timeout 5s\`, 1 worker;"\
          "switchyard \`mode = \"udp\"\`, \`udp_replies = 1\`, \`idle_timeout = \"5s\"\`, one backend. HAProxy has no UDP proxying: not in this row."\
-         "Proxy CPU = utime+stime of the proxy's processes (nginx: master and worker; switchyard: all threads) over the counted seconds."\
+         "Proxy CPU = utime+stime of the proxy's processes (nginx: master and worker; switchyard: all threads) over the counted seconds;"\
+         "waiting = their run-queue time (/proc/PID/task/*/schedstat) over the same seconds."\
          "Median of $ROUNDS rounds; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
 if want 1 || want 2 || want 3 || want 4 || want 5; then
@@ -830,6 +832,7 @@ if want 6; then
     udp_row "UDP replies/s (higher is better)" udp-rate 0 nginx+direct
     udp_row "proxy CPU µs per reply, request + reply (lower is better)" udp-cpu 2 nginx
     udp_row "proxy CPU busy, % of one core" udp-busy 0 none
+    udp_row "proxy runnable but waiting for its CPU, % (other work on it; 0 is clean)" udp-wait 0 none
     echo "| 6 | datagrams lost, all rounds (lower is better) | $(total "${R[udp-lost,direct]:-}") | $(total "${R[udp-lost,nginx]:-}") | $(total "${R[udp-lost,switchyard]:-}") | | |"
 fi
 if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 5; }; then
@@ -843,7 +846,7 @@ fi
 if ((ROUNDS > 1)) && want 6; then
     echo
     echo "Per-round values, row 6 (direct / nginx stream / switchyard):"
-    for k in udp-rate udp-cpu udp-busy udp-lost; do
+    for k in udp-rate udp-cpu udp-busy udp-wait udp-lost; do
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
     done
 fi

@@ -27,11 +27,14 @@
 //! they come, are not counted in `replies`). With `--cpu-pid`, utime+stime
 //! of those processes (all their threads) is read from `/proc/PID/stat` at
 //! the start and the end of the counted seconds: `cpu_s` is the difference,
-//! summed over the PIDs.
+//! summed over the PIDs. `wait_s` is the time their threads spent runnable
+//! but waiting for a CPU (`/proc/PID/task/*/schedstat`, second field) over
+//! the same seconds: with the proxy alone on its CPU, the share of that CPU
+//! that other work took from it.
 //!
 //! Output: `replies sent lost late bad refused send_err seconds rate
-//! per_sec_min per_sec_max cpu_s` (rate = replies / seconds; per_sec_* over
-//! whole counted seconds).
+//! per_sec_min per_sec_max cpu_s wait_s` (rate = replies / seconds;
+//! per_sec_* over whole counted seconds).
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind};
@@ -264,8 +267,8 @@ impl Load {
         let t0 = start + self.warmup; // counting starts
         let t1 = t0 + self.duration; // sending stops
         let mut counting = false;
-        let mut cpu0 = 0.0;
-        let mut cpu: Option<f64> = None;
+        let mut at0 = Sched::default();
+        let mut used: Option<Sched> = None;
         let mut per_sec: Vec<u64> = vec![0; self.duration.as_secs() as usize];
         let mut next_sweep = start;
         let sweep_every = (self.timeout / 10).max(Duration::from_millis(1));
@@ -276,11 +279,11 @@ impl Load {
             if !counting && now >= t0 {
                 counting = true;
                 c = Counts::default();
-                cpu0 = cpu_seconds(&self.cpu_pids)?;
+                at0 = Sched::read(&self.cpu_pids)?;
             }
             let sending = now < t1;
-            if !sending && counting && cpu.is_none() {
-                cpu = Some((cpu_seconds(&self.cpu_pids)? - cpu0).max(0.0));
+            if !sending && counting && used.is_none() {
+                used = Some(Sched::read(&self.cpu_pids)?.since(&at0));
             }
             // Fill the window.
             while sending && out < self.outstanding {
@@ -383,7 +386,7 @@ impl Load {
         let min = if per_sec.is_empty() { 0 } else { min };
         println!(
             "replies={} sent={} lost={} late={} bad={} refused={} send_err={} seconds={:.3} \
-             rate={:.0} per_sec_min={} per_sec_max={} cpu_s={:.3}",
+             rate={:.0} per_sec_min={} per_sec_max={} cpu_s={:.3} wait_s={:.3}",
             c.replies,
             c.sent,
             c.lost,
@@ -395,7 +398,8 @@ impl Load {
             c.replies as f64 / secs,
             min,
             max,
-            cpu.unwrap_or(0.0),
+            used.as_ref().map_or(0.0, |u| u.cpu),
+            used.as_ref().map_or(0.0, |u| u.wait),
         );
         Ok(())
     }
@@ -408,6 +412,47 @@ impl Drop for Fd {
         // SAFETY: we own the fd.
         unsafe { libc::close(self.0) };
     }
+}
+
+/// CPU time used by the processes and time their threads waited for a
+/// CPU, in seconds.
+#[derive(Default)]
+struct Sched {
+    cpu: f64,
+    wait: f64,
+}
+
+impl Sched {
+    fn read(pids: &[u32]) -> io::Result<Sched> {
+        let mut wait = 0u64;
+        for pid in pids {
+            // Threads may come and go (a blocking pool): read what is there now.
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+                wait += run_queue_ns(&task.path().join("schedstat"));
+            }
+        }
+        Ok(Sched {
+            cpu: cpu_seconds(pids)?,
+            wait: wait as f64 / 1e9,
+        })
+    }
+
+    /// What was used since `before` (a thread that ended takes its share
+    /// with it, so a difference below zero reads as zero).
+    fn since(&self, before: &Sched) -> Sched {
+        Sched {
+            cpu: (self.cpu - before.cpu).max(0.0),
+            wait: (self.wait - before.wait).max(0.0),
+        }
+    }
+}
+
+/// The second field of a schedstat file: ns spent runnable, waiting for a CPU (0 if unreadable).
+fn run_queue_ns(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// utime + stime of the processes (all threads), in seconds.
