@@ -419,8 +419,7 @@ start_udp_echo() { # start_udp_echo -> ECHO_PORT : the UDP echo backend (benches
 }
 
 start_nginx_udp() { # start_nginx_udp BACKEND_PORT -> NGX_PID NGX_PORT (3 tries at a free port)
-    local try
-    for try in 1 2 3; do
+    for _ in 1 2 3; do
         read -r NGX_PORT < <(free_ports 1 udp)
         start_nginx_udp_at "$NGX_PORT" "$1" && return 0
     done
@@ -457,8 +456,7 @@ EOF
 # start_switchyard_udp BACKEND_PORT -> SY_PID SY_PORT (3 tries at a free port); returns 1 (and
 # adds a note) when this build rejects the config.
 start_switchyard_udp() {
-    local try
-    for try in 1 2 3; do
+    for _ in 1 2 3; do
         read -r SY_PORT < <(free_ports 1 udp)
         start_switchyard_udp_at "$SY_PORT" "$1" && return 0
         (($? == 2)) && return 1
