@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use prometheus_parse::{Scrape, Value};
 use serde_json::Value as Json;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::{JoinHandle, block_in_place};
@@ -375,24 +374,6 @@ async fn wait_sessions(admin: SocketAddr, open: u64, want: &[(&str, u64, u64)]) 
     .await;
 }
 
-/// The value of the one sample of `name` whose labels include `labels`.
-fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<_> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .collect();
-    assert!(
-        matching.len() <= 1,
-        "{name} {labels:?} matches {} samples",
-        matching.len()
-    );
-    matching.first().map(|s| match &s.value {
-        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-        other => panic!("{name} is not a plain value: {other:?}"),
-    })
-}
-
 /// One expected sample: metric name, labels, value.
 type Want<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
 
@@ -404,7 +385,7 @@ async fn wait_metrics(admin: SocketAddr, want: &[Want<'_>]) {
         let wrong: Vec<String> = want
             .iter()
             .filter_map(|(name, labels, v)| {
-                let got = sample(&s, name, labels).unwrap_or(0.0);
+                let got = sample_value(&s, name, labels).unwrap_or(0.0);
                 (got != *v).then(|| format!("{name}{labels:?} = {got}, want {v}"))
             })
             .collect();
@@ -418,7 +399,7 @@ async fn wait_metrics(admin: SocketAddr, want: &[Want<'_>]) {
 }
 
 async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(&scrape(admin).await, name, labels).unwrap_or(0.0)
+    sample_value(&scrape(admin).await, name, labels).unwrap_or(0.0)
 }
 
 const REJECTED: &str = "switchyard_rejected_connections_total";

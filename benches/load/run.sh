@@ -304,6 +304,19 @@ EOF
     wait_listen "$1" "$SY_PID" switchyard
 }
 
+# start_checked_switchyard NAME CFG ROW WHAT : `switchyard check` the config, then start
+# it pinned to the proxy CPU (SY_PID); a rejected config is logged and noted for ROW.
+start_checked_switchyard() {
+    local log_file="$TMP/$1-check.log"
+    if ! "$SWITCHYARD_BIN" check --config "$2" >"$log_file" 2>&1; then
+        log "switchyard rejects the $4 config:"; sed 's/^/    /' "$log_file" >&2
+        NOTES+=("$3: switchyard rejects the $4 config: $(grep -m1 . "$log_file")")
+        return 1
+    fi
+    start "$1" "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$2"
+    SY_PID=$LAST_PID
+}
+
 # start_proxies BACKEND_PORT -> PORT_direct PORT_haproxy PORT_switchyard
 start_proxies() {
     local hp sp
@@ -362,13 +375,7 @@ address = "127.0.0.1:$2"
 name = "s2"
 address = "127.0.0.1:$3"
 EOF
-    if ! "$SWITCHYARD_BIN" check --config "$cfg" >"$TMP/switchyard-http-check.log" 2>&1; then
-        log "switchyard rejects the HTTP-mode config:"; sed 's/^/    /' "$TMP/switchyard-http-check.log" >&2
-        NOTES+=("row 5: switchyard rejects the HTTP-mode config: $(grep -m1 . "$TMP/switchyard-http-check.log")")
-        return 1
-    fi
-    start switchyard-http "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$cfg"
-    SY_PID=$LAST_PID
+    start_checked_switchyard switchyard-http "$cfg" "row 5" "HTTP-mode" || return 1
     wait_listen "$1" "$SY_PID" switchyard-http
 }
 
@@ -477,13 +484,7 @@ idle_timeout = "5s"
 name = "b1"
 address = "127.0.0.1:$2"
 EOF
-    if ! "$SWITCHYARD_BIN" check --config "$cfg" >"$TMP/switchyard-udp-check.log" 2>&1; then
-        log "switchyard rejects the UDP config:"; sed 's/^/    /' "$TMP/switchyard-udp-check.log" >&2
-        NOTES+=("row 6: switchyard rejects the UDP config: $(grep -m1 . "$TMP/switchyard-udp-check.log")")
-        return 2
-    fi
-    start switchyard-udp "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$cfg"
-    SY_PID=$LAST_PID
+    start_checked_switchyard switchyard-udp "$cfg" "row 6" "UDP" || return 2
     wait_udp "$1" "$SY_PID" switchyard-udp
 }
 

@@ -786,3 +786,29 @@ pub fn free_udp_tcp_port() -> u16 {
     }
     panic!("no port free for both UDP and TCP on 127.0.0.1");
 }
+
+/// The value of the one sample of `name` whose labels include `labels`
+/// (a histogram: its count), or `None` if there is none; more than one
+/// matching sample fails the test.
+pub fn sample_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use prometheus_parse::Value;
+    let matching: Vec<&prometheus_parse::Sample> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {} samples",
+        matching.len()
+    );
+    matching.first().map(|s| match &s.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+        Value::Summary(_) => panic!("no summaries here"),
+    })
+}
