@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side L4 load benchmark: direct vs HAProxy (mode tcp, nbthread 1) vs switchyard;
-# row 6 (UDP): direct vs nginx stream (1 worker) vs switchyard. Loopback only.
-# See benches/load/README.md.
+# Side-by-side L4 load benchmark, loopback only: direct vs HAProxy (mode tcp, nbthread 1) vs
+# nginx stream (1 worker) vs switchyard; row 5 (HTTP mode) without nginx stream, row 6 (UDP)
+# without HAProxy. See benches/load/README.md.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -9,14 +9,17 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 DURATION=${DURATION:-5}             # seconds per wrk run
 WARMUP=${WARMUP:-1}                 # seconds of unmeasured wrk warm-up before each run (0 = none)
-ROUNDS=${ROUNDS:-3}                 # rows 1-3, 5 and 6 run ROUNDS times, targets in rotating order; median reported
-CONNS=${CONNS:-50}                  # wrk connections
+ROUNDS=${ROUNDS:-3}                 # every row runs ROUNDS times, targets in rotating order; median reported
+CONNS=${CONNS:-50}                  # wrk connections (and redis-benchmark clients, row 7)
 WRK_THREADS=${WRK_THREADS:-1}
 IPERF_DURATION=${IPERF_DURATION:-$DURATION}
+IPERF_STREAMS=${IPERF_STREAMS:-4}   # row 3b: iperf3 -P
 IDLE_CONNS=${IDLE_CONNS:-5000}
+REDIS_CONNS=${REDIS_CONNS:-$CONNS}  # row 7: redis-benchmark -c
+REDIS_USER=${REDIS_USER:-}          # row 7: run redis-server as this user (default: as we are; nobody if it refuses root)
 PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
-ROWS=${ROWS:-1 2 3 4 5 6}           # which rows to run
+ROWS=${ROWS:-1 2 3 4 5 6 7}         # which rows to run (3 = 3a and 3b)
 ROW5_STICKY=${ROW5_STICKY:-1}       # row 5: also run wrk with the sticky cookie (0 = only without cookie)
 UDP_SOCKETS=${UDP_SOCKETS:-256}     # row 6: client sockets (source ports) of the UDP load generator
 UDP_OUTSTANDING=${UDP_OUTSTANDING:-64} # row 6: datagrams kept outstanding (at most one per socket)
@@ -27,11 +30,24 @@ UDPLOAD_BIN=${UDPLOAD_BIN:-}        # row 6: set to skip building benches/load/u
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-want() { [[ " $ROWS " == *" $1 "* ]]; }
+# want ROW : is ROW selected? Row 3 has sub-rows 3a (1 stream) and 3b (IPERF_STREAMS streams):
+# ROWS=3 selects both, ROWS=3b only the second; `want 3` is true when either is selected.
+want() {
+    local r
+    for r in $ROWS; do
+        [[ $r == "$1" || $r == "$1"[a-z] || $1 == "$r"[a-z] ]] && return 0
+    done
+    return 1
+}
+for r in $ROWS; do
+    [[ $r =~ ^([124567]|3[ab]?)$ ]] || die "ROWS: unknown row '$r' (rows: 1 2 3 3a 3b 4 5 6 7)"
+done
 
 # ---------------------------------------------------------------- tools
 need=()
-for b in haproxy nginx wrk iperf3 taskset ss python3; do
+tools=(haproxy nginx wrk iperf3 taskset ss python3)
+! want 7 || tools+=(redis-server redis-benchmark)
+for b in "${tools[@]}"; do
     command -v "$b" >/dev/null 2>&1 || need+=("$b")
 done
 if ((${#need[@]})); then
@@ -40,6 +56,7 @@ if ((${#need[@]})); then
         case $b in
             taskset) pkgs+=(util-linux) ;;
             ss) pkgs+=(iproute2) ;;
+            redis-benchmark) pkgs+=(redis-tools) ;;
             *) pkgs+=("$b") ;;
         esac
     done
@@ -49,14 +66,15 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 # Debian's nginx package may start a system instance; ours is separate (own prefix and port).
-# Row 6 needs nginx's stream module; Debian builds it as a module in its own package.
-NGX_STREAM=""   # "load_module ...;" line for the row-6 nginx config, or empty when built in
-if want 6; then
+# nginx stream is a proxy target in every row but 5; Debian builds the stream module as a
+# module in its own package.
+NGX_STREAM=""   # "load_module ...;" line for the nginx stream configs, or empty when built in
+if want 1 || want 2 || want 3 || want 4 || want 6 || want 7; then
     if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
         ngx_mods=$(nginx -V 2>&1 | tr ' ' '\n' | sed -n 's/^--modules-path=//p')
         ngx_mod=${ngx_mods:-/usr/lib/nginx/modules}/ngx_stream_module.so
         if [ ! -f "$ngx_mod" ]; then
-            log "installing missing: libnginx-mod-stream (nginx stream module, row 6)"
+            log "installing missing: libnginx-mod-stream (nginx stream module)"
             SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
             $SUDO apt-get update -qq
             DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libnginx-mod-stream >/dev/null
@@ -64,7 +82,7 @@ if want 6; then
         [ -f "$ngx_mod" ] || die "no nginx stream module at $ngx_mod"
         NGX_STREAM="load_module $ngx_mod;"
     elif ! nginx -V 2>&1 | grep -q -- '--with-stream'; then
-        die "this nginx has no stream module (row 6 needs it)"
+        die "this nginx has no stream module (every row but 5 needs it)"
     fi
 fi
 
@@ -113,6 +131,11 @@ if ((NOFILE < 2 * HAP_MAXCONN + 200)); then
     log "fd limit is $NOFILE: HAProxy maxconn lowered to $HAP_MAXCONN"
 fi
 ((NOFILE >= 2 * IDLE_CONNS + 200)) || die "fd limit $NOFILE too low for IDLE_CONNS=$IDLE_CONNS"
+# nginx counts a proxied connection twice (client and upstream side) against worker_connections,
+# and warns when worker_connections exceeds its fd limit (worker_rlimit_nofile = NOFILE).
+NGX_CONNS=$((2 * IDLE_CONNS + 1000))
+((NGX_CONNS >= 10000)) || NGX_CONNS=10000
+((NGX_CONNS <= NOFILE)) || NGX_CONNS=$NOFILE
 
 # ---------------------------------------------------------------- processes
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-load.XXXXXX")
@@ -233,9 +256,11 @@ EOF
     for port in "$@"; do wait_listen "$port" "$pid" "$name"; done
 }
 
-start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold
+start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold | redis
     local kind=$1 port=$2
     case $kind in
+        redis)
+            start_redis "$port" ;;
         nginx)
             start_nginx nginx "$port" ;;
         iperf3)
@@ -245,6 +270,41 @@ start_backend() { # start_backend KIND PORT ; KIND = nginx | iperf3 | hold
             start hold "${PIN_LOAD[@]}" python3 "$HERE/idle.py" serve "$port"
             wait_listen "$port" "$LAST_PID" hold ;;
     esac
+}
+
+# start_redis PORT : redis-server on 127.0.0.1:PORT, no persistence, in $TMP/redis, pinned to
+# the load CPU, with one key for `redis-benchmark -t get` to read. Run as REDIS_USER if set;
+# otherwise as we are, and as `nobody` if it refuses to run as root.
+start_redis() {
+    local port=$1 dir=$TMP/redis user=${REDIS_USER:-} deadline
+    local args=(--port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no
+        --dir "$dir" --maxclients 10000)
+    mkdir -p "$dir"
+    while :; do
+        local as=()
+        if [ -n "$user" ] && [ "$user" != "$(id -un)" ]; then
+            chown "$user" "$dir"; chmod a+x "$TMP"
+            as=(setpriv --reuid="$user" --regid="$(id -g "$user")" --clear-groups)
+        fi
+        start redis "${PIN_LOAD[@]}" "${as[@]}" redis-server "${args[@]}"
+        deadline=$((SECONDS + 30))
+        until ss -Hltn "sport = :$port" | grep -q .; do
+            alive "$LAST_PID" || break
+            ((SECONDS < deadline)) || { tail -n 20 "$TMP/redis.log" >&2; die "redis-server did not listen on :$port within 30 s"; }
+            sleep 0.05
+        done
+        alive "$LAST_PID" && break
+        if [ -z "$user" ] && [ "$(id -u)" = 0 ]; then
+            log "redis-server exited when started as root: $(tail -n 1 "$TMP/redis.log"); again as nobody"
+            NOTES+=("row 7: redis-server refused to run as root ($(tail -n 1 "$TMP/redis.log" | cut -c1-200)); it ran as nobody")
+            user=nobody
+            continue
+        fi
+        tail -n 20 "$TMP/redis.log" >&2; die "redis-server exited during start-up"
+    done
+    REDIS_RAN_AS=${user:-$(id -un)}
+    redis-benchmark -h 127.0.0.1 -p "$port" -c 1 -n 1 -t set -q >/dev/null 2>&1 ||
+        die "redis-benchmark -t set against redis-server failed"
 }
 
 start_haproxy() { # start_haproxy LISTEN_PORT BACKEND_PORT -> HAP_PID
@@ -317,13 +377,48 @@ start_checked_switchyard() {
     SY_PID=$LAST_PID
 }
 
-# start_proxies BACKEND_PORT -> PORT_direct PORT_haproxy PORT_switchyard
+# start_nginx_stream LISTEN_PORT BACKEND_PORT -> NGX_PID : nginx's stream module as a TCP proxy,
+# one worker pinned (by taskset, inherited from the master) to the proxy CPU, as HAProxy is.
+# Timeouts as HAProxy's (connect 5s, idle 1h), no access log, the listen backlog HAProxy and
+# switchyard get from somaxconn, worker_connections for IDLE_CONNS proxied connections (two
+# each). Error log lines end up in the notes.
+start_nginx_stream() {
+    local dir=$TMP/nginx-stream
+    mkdir -p "$dir/logs"
+    cat >"$dir/nginx.conf" <<EOF
+$NGX_STREAM
+worker_processes 1;
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+worker_rlimit_nofile $NOFILE;
+events { worker_connections $NGX_CONNS; }
+stream {
+    access_log off;
+    server {
+        listen 127.0.0.1:$1 backlog=4096;
+        proxy_pass 127.0.0.1:$2;
+        proxy_connect_timeout 5s;
+        proxy_timeout 1h;
+    }
+}
+EOF
+    start nginx-stream "${PIN_PROXY[@]}" nginx -p "$dir" -c "$dir/nginx.conf"
+    NGX_PID=$LAST_PID
+    wait_listen "$1" "$NGX_PID" nginx-stream
+}
+
+# start_proxies BACKEND_PORT -> PORT_<target> and PID_<target> (the process whose session's
+# CPU time is the proxy's; empty for direct) for every target in TARGETS
 start_proxies() {
-    local hp sp
-    read -r hp sp < <(free_ports 2)
+    local hp np sp
+    read -r hp np sp < <(free_ports 3)
     start_haproxy "$hp" "$1"
+    start_nginx_stream "$np" "$1"
     start_switchyard "$sp" "$1"
-    PORT_direct=$1 PORT_haproxy=$hp PORT_switchyard=$sp
+    PORT_direct=$1 PORT_haproxy=$hp PORT_nginx=$np PORT_switchyard=$sp
+    PID_direct="" PID_haproxy=$HAP_PID PID_nginx=$NGX_PID PID_switchyard=$SY_PID
 }
 
 # ---- row 5: HTTP mode with cookie stickiness, two backends
@@ -489,13 +584,7 @@ EOF
 }
 
 session_pids() { # session_pids SID -> the pids of the processes in session SID (nginx: master and worker)
-    local f st sid
-    for f in /proc/[0-9]*/stat; do
-        st=$(cat "$f" 2>/dev/null) || continue
-        read -r _ _ _ sid _ <<<"${st##*) }"
-        [ "$sid" = "$1" ] || continue
-        f=${f#/proc/}; echo "${f%/stat}"
-    done
+    ps -o pid= -s "$1" | awk '{ print $1 }'
 }
 
 run_udp() { # run_udp TARGET PORT [PROXY_PID] : udpload against PORT; proxy CPU = PROXY_PID's session
@@ -540,7 +629,7 @@ log_problems() {
 }
 
 # ---------------------------------------------------------------- workloads
-TARGETS=(direct haproxy switchyard)
+TARGETS=(direct haproxy nginx switchyard)
 declare -A R   # R[metric,target] = values, one per round, space-separated
 add() { R[$1,$2]="${R[$1,$2]:-}${R[$1,$2]:+ }$3"; }
 
@@ -558,55 +647,138 @@ to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
         printf "%.3f", n }'
 }
 
-run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...]
+# ---- proxy CPU: utime+stime (all threads) of the processes in the proxy's session, as row 6
+CLK_TCK=$(getconf CLK_TCK)
+ticks() { # ticks PID... -> utime+stime summed over the PIDs, in clock ticks
+    local pid st f sum=0
+    for pid in "$@"; do
+        read -r st 2>/dev/null <"/proc/$pid/stat" || continue
+        read -ra f <<<"${st##*) }"   # f[0] = state (field 3): utime, stime = fields 14, 15
+        sum=$((sum + f[11] + f[12]))
+    done
+    echo "$sum"
+}
+# cpu_start TARGET : start counting the CPU time of TARGET's proxy (PID_<TARGET>'s session;
+# nothing for direct); cpu_stop -> CPU_S (seconds of CPU) and WALL_S (seconds since cpu_start)
+cpu_start() {
+    local p=PID_$1
+    CPU_PIDS=()
+    [ -z "${!p:-}" ] || mapfile -t CPU_PIDS < <(session_pids "${!p}")
+    CPU_T0=$(ticks "${CPU_PIDS[@]}") WALL_T0=$EPOCHREALTIME
+}
+cpu_stop() {
+    local t1 w1=$EPOCHREALTIME
+    t1=$(ticks "${CPU_PIDS[@]}")
+    CPU_S=$(awk -v a="$CPU_T0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / hz }')
+    WALL_S=$(awk -v a="$WALL_T0" -v b="$w1" 'BEGIN { printf "%.3f", b - a }')
+}
+# add_cpu KEY TARGET N : add KEY-cpu (µs of proxy CPU per each of N requests) and KEY-busy
+# (proxy CPU % of the measured seconds); n/a for direct
+add_cpu() {
+    if ((${#CPU_PIDS[@]} == 0)); then add "$1-cpu" "$2" n/a; add "$1-busy" "$2" n/a; return; fi
+    add "$1-cpu" "$2" "$(awk -v c="$CPU_S" -v n="$3" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
+    add "$1-busy" "$2" "$(awk -v c="$CPU_S" -v s="$WALL_S" 'BEGIN { printf "%.0f", 100 * c / s }')"
+}
+
+run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KEY-cpu, KEY-busy
     local key=$1 t=$2 port=$3; shift 3
     local out=$TMP/wrk-$key-$t-r$ROUND.txt
     if ((WARMUP > 0)); then
         "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" "$@" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
     fi
+    cpu_start "$t"
     "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$@" "http://127.0.0.1:$port/" >"$out" 2>&1 || true
-    local rps p99 errs non2xx
+    cpu_stop
+    local rps p99 errs non2xx n
     rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
     p99=$(awk '$1 == "99%" {print $2}' "$out")
+    n=$(awk '$2 == "requests" && $3 == "in" {print $1}' "$out")
     errs=$(awk '/Socket errors:/ {gsub(",", ""); print "connect " $4 ", read " $6 ", write " $8 ", timeout " $10}' "$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
-    if [ -z "$rps" ] || [ -z "$p99" ]; then
+    if [ -z "$rps" ] || [ -z "$p99" ] || [ -z "$n" ]; then
         log "wrk $key against $t failed:"; sed 's/^/    /' "$out" >&2
-        add "$key-rps" "$t" err; add "$key-p99" "$t" err
+        add "$key-rps" "$t" err; add "$key-p99" "$t" err; add "$key-cpu" "$t" err; add "$key-busy" "$t" err
         return
     fi
     add "$key-rps" "$t" "$rps"
     add "$key-p99" "$t" "$(to_ms "$p99")"
+    add_cpu "$key" "$t" "$n"
     [ -z "$errs" ] || NOTES+=("$key / $t / round $ROUND: wrk socket errors: $errs")
     [ -z "$non2xx" ] || NOTES+=("$key / $t / round $ROUND: $non2xx non-2xx responses")
-    log "  $key $t: $rps req/s, p99 $p99"
+    log "  $key $t: $rps req/s, p99 $p99${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
 }
 
-run_iperf() { # run_iperf TARGET PORT
-    local t=$1 port=$2 out=$TMP/iperf-$1-r$ROUND.json
-    "${PIN_LOAD[@]}" iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_DURATION" --connect-timeout 5000 -J >"$out" 2>&1 || true
+run_iperf() { # run_iperf KEY TARGET PORT [iperf3 args...] : KEY (Gbit/s) and KEY-busy
+    local key=$1 t=$2 port=$3; shift 3
+    local out=$TMP/$key-$t-r$ROUND.json
+    cpu_start "$t"
+    "${PIN_LOAD[@]}" iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_DURATION" --connect-timeout 5000 -J "$@" >"$out" 2>&1 || true
+    cpu_stop
     local g
     g=$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
 if "error" in d: sys.exit(d["error"])
-print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"$TMP/iperf-$t.err") || {
-        log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/iperf-$t.err" >&2
-        add iperf "$t" err; return; }
-    add iperf "$t" "$g"
-    log "  iperf3 $t: $g Gbit/s"
+print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"$TMP/$key-$t.err") || {
+        log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/$key-$t.err" >&2
+        add "$key" "$t" err; add "$key-busy" "$t" err; return; }
+    add "$key" "$t" "$g"
+    if ((${#CPU_PIDS[@]})); then
+        add "$key-busy" "$t" "$(awk -v c="$CPU_S" -v s="$WALL_S" 'BEGIN { printf "%.0f", 100 * c / s }')"
+    else
+        add "$key-busy" "$t" n/a
+    fi
+    log "  $key $t: $g Gbit/s${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
 }
 
-run_idle() { # run_idle TARGET PORT PID BACKEND_PORT
-    local t=$1 out=$TMP/idle-$1.json
+run_idle() { # run_idle TARGET PORT PID BACKEND_PORT : PID = the process whose VmRSS grows
+    local t=$1 out=$TMP/idle-$1-r$ROUND.json
     if ! "${PIN_LOAD[@]}" python3 "$HERE/idle.py" measure --port "$2" --pid "$3" \
             --backend-port "$4" -n "$IDLE_CONNS" >"$out" 2>"$TMP/idle-$t.err"; then
         log "idle connections through $t failed:"; sed 's/^/    /' "$TMP/idle-$t.err" >&2
         add idle "$t" err; return
     fi
-    R[idle,$t]=$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["kib_per_conn"])' "$out")
-    NOTES+=("idle / $t: $(cat "$out")")
-    log "  idle $t: ${R[idle,$t]} KiB/conn"
+    local k
+    k=$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["kib_per_conn"])' "$out")
+    add idle "$t" "$k"
+    NOTES+=("idle / $t / round $ROUND: $(cat "$out")")
+    log "  idle $t: $k KiB/conn"
+}
+
+# nginx_worker MASTER_PID -> the pid of the master's (one) worker, waiting up to 10 s for it
+nginx_worker() {
+    local deadline=$((SECONDS + 10)) p
+    while ((SECONDS < deadline)); do
+        p=$(ps -o pid= --ppid "$1" | awk 'NR == 1 { print $1 }')
+        [ -z "$p" ] || { echo "$p"; return; }
+        sleep 0.05
+    done
+    die "nginx $1 started no worker within 10 s"
+}
+
+run_redis() { # run_redis TARGET PORT : redis-get-rps, -p99, -cpu, -busy
+    local t=$1 port=$2 out=$TMP/redis-$1-r$ROUND.csv n rate
+    # Warm-up and calibration: 20 000 GETs, then as many as take DURATION s at that rate
+    # (redis-benchmark counts requests, not seconds).
+    rate=$("${PIN_LOAD[@]}" redis-benchmark -h 127.0.0.1 -p "$port" -c "$REDIS_CONNS" -n 20000 -t get --csv 2>&1 |
+        awk -F'"' '$2 == "GET" { printf "%.0f", $4 }') || true
+    n=$(awk -v r="${rate:-0}" -v d="$DURATION" 'BEGIN { n = int(r * d); print (n < 10000 ? 10000 : n) }')
+    cpu_start "$t"
+    "${PIN_LOAD[@]}" redis-benchmark -h 127.0.0.1 -p "$port" -c "$REDIS_CONNS" -n "$n" -t get --csv >"$out" 2>&1 || true
+    cpu_stop
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    local rps p99
+    rps=$(awk -F'"' '$2 == "GET" { printf "%.0f", $4 }' "$out")
+    p99=$(awk -F'"' '$2 == "GET" { print $14 }' "$out")
+    if [ -z "$rps" ] || [ -z "$p99" ]; then
+        log "redis-benchmark against $t failed:"; sed 's/^/    /' "$out" >&2
+        add redis-rps "$t" err; add redis-p99 "$t" err; add redis-cpu "$t" err; add redis-busy "$t" err
+        return
+    fi
+    add redis-rps "$t" "$rps"
+    add redis-p99 "$t" "$p99"
+    add_cpu redis "$t" "$n"
+    log "  redis GET $t: $rps ops/s ($n GETs), p99 $p99 ms${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
 }
 
 NOTES=()
@@ -647,29 +819,43 @@ if want 1 || want 2; then
     stop_all
 fi
 
-# Row 3: iperf3 backend
+# Row 3: iperf3 backend; 3a one stream, 3b IPERF_STREAMS streams
 if want 3; then
     read -r BP < <(free_ports 1)
     start_backend iperf3 "$BP"
     start_proxies "$BP"
-    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-        log "row 3: iperf3 (round $ROUND/$ROUNDS)"
-        for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf "$t" "${!p}"; done
-    done
+    if want 3a; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 3a: iperf3, 1 stream (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf iperf1 "$t" "${!p}"; done
+        done
+    fi
+    if want 3b; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 3b: iperf3 -P $IPERF_STREAMS (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND"); do p=PORT_$t; run_iperf iperfn "$t" "${!p}" -P "$IPERF_STREAMS"; done
+        done
+    fi
     stop_all
 fi
 
 # Row 4: idle connections, one proxy at a time against a fresh holding backend
 if want 4; then
-    log "row 4: $IDLE_CONNS idle connections"
     R[idle,direct]=n/a
-    for t in haproxy switchyard; do
-        read -r BP LP < <(free_ports 2)
-        start_backend hold "$BP"
-        if [ "$t" = haproxy ]; then start_haproxy "$LP" "$BP"; pid=$HAP_PID
-        else start_switchyard "$LP" "$BP"; pid=$SY_PID; fi
-        run_idle "$t" "$LP" "$pid" "$BP"
-        stop_all
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        log "row 4: $IDLE_CONNS idle connections (round $ROUND/$ROUNDS)"
+        for t in $(in_order "$ROUND" haproxy nginx switchyard); do
+            read -r BP LP < <(free_ports 2)
+            start_backend hold "$BP"
+            case $t in
+                haproxy) start_haproxy "$LP" "$BP"; pid=$HAP_PID ;;
+                # the worker holds the connections; the master's RSS does not move
+                nginx) start_nginx_stream "$LP" "$BP"; pid=$(nginx_worker "$NGX_PID") ;;
+                switchyard) start_switchyard "$LP" "$BP"; pid=$SY_PID ;;
+            esac
+            run_idle "$t" "$LP" "$pid" "$BP"
+            stop_all
+        done
     done
 fi
 
@@ -679,17 +865,19 @@ if want 5; then
     read -r BP1 BP2 HP SP < <(free_ports 4)
     start_nginx nginx-http "$BP1" "$BP2"
     start_haproxy_http "$HP" "$BP1" "$BP2"
-    PORT_direct=$BP1 PORT_haproxy=$HP PORT_switchyard=$SP
+    PORT_direct=$BP1 PORT_haproxy=$HP PORT_switchyard=$SP PID_direct="" PID_haproxy=$HAP_PID PID_switchyard=""
     declare -A COOKIE=([direct]=s1)
     HTTP_TARGETS=(direct)
     check_http haproxy "$HP"
     ((HTTP_OK)) && { HTTP_TARGETS+=(haproxy); COOKIE[haproxy]=$CK; }
     if start_switchyard_http "$SP" "$BP1" "$BP2"; then
+        PID_switchyard=$SY_PID
         check_http switchyard "$SP"
         ((HTTP_OK)) && { HTTP_TARGETS+=(switchyard); COOKIE[switchyard]=$CK; }
     fi
-    for t in haproxy switchyard; do
-        [[ " ${HTTP_TARGETS[*]} " == *" $t "* ]] || { R[hck-rps,$t]=n/a R[hck-p99,$t]=n/a R[hst-rps,$t]=n/a R[hst-p99,$t]=n/a; }
+    for t in haproxy nginx switchyard; do
+        [[ " ${HTTP_TARGETS[*]} " == *" $t "* ]] ||
+            for k in hck hst; do R[$k-rps,$t]=n/a R[$k-p99,$t]=n/a R[$k-cpu,$t]=n/a R[$k-busy,$t]=n/a; done
     done
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         log "row 5: HTTP mode, wrk keep-alive without cookie (round $ROUND/$ROUNDS)"
@@ -737,6 +925,22 @@ if want 6; then
     fi
 fi
 
+# Row 7: redis GET through each proxy (redis-benchmark -c REDIS_CONNS -t get), redis-server
+# on the load CPU
+if want 7; then
+    read -r BP < <(free_ports 1)
+    start_backend redis "$BP"
+    start_proxies "$BP"
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        log "row 7: redis-benchmark -c $REDIS_CONNS -t get (round $ROUND/$ROUNDS)"
+        for t in $(in_order "$ROUND"); do p=PORT_$t; run_redis "$t" "${!p}"; done
+    done
+    stop_all
+fi
+if [ -s "$TMP/nginx-stream/logs/error.log" ]; then
+    NOTES+=("nginx-stream: $(wc -l <"$TMP/nginx-stream/logs/error.log") lines in its error log, first: $(head -n 3 "$TMP/nginx-stream/logs/error.log" | cut -c1-300 | paste -sd'|')")
+fi
+
 # ---------------------------------------------------------------- report
 ratio() { # ratio SWITCHYARD HAPROXY
     awk -v s="$1" -v h="$2" 'BEGIN {
@@ -770,9 +974,17 @@ echo "## switchyard load benchmark ($STARTED)"
 echo
 echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
      "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
-if want 1 || want 2 || want 3 || want 4 || want 5; then
-    echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3 and 5: median of $ROUNDS rounds;"\
-         "$IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
+    redis=""
+    ! want 7 || redis="; redis-benchmark -c $REDIS_CONNS -t get against redis-server $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"\
+" (run as ${REDIS_RAN_AS:-?}, no persistence): 20 000 GETs of warm-up, then as many as take ${DURATION}s at that rate"
+    echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION (3b: -P $IPERF_STREAMS);"\
+         "$IDLE_CONNS idle connections$redis."\
+         "HAProxy \`mode tcp\`, \`nbthread 1\`, maxconn $HAP_MAXCONN; nginx stream 1 worker, \`proxy_timeout 1h\`, no access log,"\
+         "worker_connections $NGX_CONNS; switchyard one listener, roundrobin, one backend. Proxy CPU = utime+stime of the proxy's"\
+         "processes (nginx: master and worker; switchyard: all threads) from the start to the end of the measured run, per request"\
+         "(rows 1, 5), per new connection (row 2) or per GET (row 7); busy = that CPU time / the same seconds."\
+         "Median of $ROUNDS rounds, targets in rotating order; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
 if want 5; then
     echo "Row 5: two nginx server blocks (one nginx worker); HAProxy \`mode http\`, \`balance roundrobin\`, \`cookie SERVERID insert indirect nocache\`;"\
@@ -789,29 +1001,67 @@ if want 6; then
          "waiting = their run-queue time (/proc/PID/task/*/schedstat) over the same seconds."\
          "Median of $ROUNDS rounds; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
-if want 1 || want 2 || want 3 || want 4 || want 5; then
-echo
-echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
-echo "|---|---|---:|---:|---:|---:|"
+if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
+    echo
+    echo "| # | workload | direct | HAProxy | nginx stream | switchyard | switchyard/HAProxy | switchyard/nginx |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
 fi
-row() { # row NUM LABEL KEY DECIMALS
+# ratio_sp KEY A B -> "median(A)/median(B) (lowest-highest of the same round's A/B)", or n/a
+ratio_sp() {
+    local r sp
+    r=$(ratio "$(median "${R[$1,$2]:-}")" "$(median "${R[$1,$3]:-}")")
+    [ "$r" != n/a ] || { echo n/a; return; }
+    sp=$(spread "${R[$1,$2]:-}" "${R[$1,$3]:-}")
+    echo "$r${sp:+ ($sp)}"
+}
+# row NUM LABEL KEY DECIMALS [KIND] : one table line, the median of each target; KIND = ratios
+# (default: switchyard/HAProxy and switchyard/nginx), none (no ratios), frac (each proxy's
+# figure as a fraction of direct's, with the per-round range; no ratio columns)
+row() {
     want "$1" || return 0
-    local d h s
-    d=$(median "${R[$3,direct]:-}"); h=$(median "${R[$3,haproxy]:-}"); s=$(median "${R[$3,switchyard]:-}")
-    echo "| $1 | $2 | $(fmt "$d" "$4") | $(fmt "$h" "$4") | $(fmt "$s" "$4") | $(ratio "$s" "$h") |"
+    local kind=${5:-ratios} t v cells="" rh="" rn=""
+    for t in direct haproxy nginx switchyard; do
+        if [ "$1" = 5 ] && [ "$t" = nginx ]; then
+            v="n/a (L4 only, no HTTP mode)"
+        elif [ "$kind" = frac ]; then
+            if [ "$t" = direct ]; then v=1.00; else v=$(ratio_sp "$3" "$t" direct); fi
+        else
+            v=$(fmt "$(median "${R[$3,$t]:-}")" "$4")
+        fi
+        cells+=" $v |"
+    done
+    if [ "$kind" = ratios ]; then
+        rh=$(ratio_sp "$3" switchyard haproxy); rn=$(ratio_sp "$3" switchyard nginx)
+    fi
+    echo "| $1 | $2 |$cells $rh | $rn |"
 }
 row 1 "keep-alive req/s (higher is better)" ka-rps 0
+row 1 "keep-alive proxy CPU µs per request (lower is better)" ka-cpu 2
 row 1 "keep-alive p99 latency ms (lower is better)" ka-p99 2
+row 1 "keep-alive proxy CPU busy, % of one core" ka-busy 0 none
 row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
+row 2 "proxy CPU µs per new connection (lower is better)" close-cpu 2
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
-row 3 "iperf3 throughput Gbit/s (higher is better)" iperf 2
+row 2 "Connection: close proxy CPU busy, % of one core" close-busy 0 none
+row 3a "iperf3 1 stream, Gbit/s (higher is better)" iperf1 2
+row 3a "iperf3 1 stream, fraction of direct" iperf1 2 frac
+row 3a "iperf3 1 stream, proxy CPU busy, % of one core" iperf1-busy 0 none
+row 3b "iperf3 -P $IPERF_STREAMS, Gbit/s (higher is better)" iperfn 2
+row 3b "iperf3 -P $IPERF_STREAMS, fraction of direct" iperfn 2 frac
+row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU busy, % of one core" iperfn-busy 0 none
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
 row 5 "HTTP mode keep-alive req/s (cookie insert) (higher is better)" hck-rps 0
+row 5 "HTTP mode proxy CPU µs per request (cookie insert) (lower is better)" hck-cpu 2
 row 5 "HTTP mode keep-alive p99 latency ms (cookie insert) (lower is better)" hck-p99 2
 if ((ROW5_STICKY)); then
     row 5 "HTTP mode keep-alive req/s (sticky cookie) (higher is better)" hst-rps 0
+    row 5 "HTTP mode proxy CPU µs per request (sticky cookie) (lower is better)" hst-cpu 2
     row 5 "HTTP mode keep-alive p99 latency ms (sticky cookie) (lower is better)" hst-p99 2
 fi
+row 7 "redis GET ops/s (higher is better)" redis-rps 0
+row 7 "redis GET proxy CPU µs per GET (lower is better)" redis-cpu 2
+row 7 "redis GET p99 latency ms (lower is better)" redis-p99 2
+row 7 "redis GET proxy CPU busy, % of one core" redis-busy 0 none
 udp_row() { # udp_row LABEL KEY DECIMALS RATIOS : medians; RATIOS = nginx, nginx+direct or none
     local d n s rn="" rd="" sp
     d=$(median "${R[$2,direct]:-}"); n=$(median "${R[$2,nginx]:-}"); s=$(median "${R[$2,switchyard]:-}")
@@ -834,12 +1084,13 @@ if want 6; then
     udp_row "proxy runnable but waiting for its CPU, % (other work on it; 0 is clean)" udp-wait 0 none
     echo "| 6 | datagrams lost, all rounds (lower is better) | $(total "${R[udp-lost,direct]:-}") | $(total "${R[udp-lost,nginx]:-}") | $(total "${R[udp-lost,switchyard]:-}") | | |"
 fi
-if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 5; }; then
+if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 4 || want 5 || want 7; }; then
     echo
-    echo "Per-round values (direct / HAProxy / switchyard):"
-    for k in ka-rps ka-p99 close-rps close-p99 iperf hck-rps hck-p99 hst-rps hst-p99; do
-        [ -n "${R[$k,haproxy]:-}" ] || continue
-        echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,switchyard]:-}"
+    echo "Per-round values (direct / HAProxy / nginx stream / switchyard):"
+    for k in ka-rps ka-cpu ka-p99 ka-busy close-rps close-cpu close-p99 close-busy iperf1 iperf1-busy iperfn iperfn-busy idle \
+             hck-rps hck-cpu hck-p99 hck-busy hst-rps hst-cpu hst-p99 hst-busy redis-rps redis-cpu redis-p99 redis-busy; do
+        [ -n "${R[$k,haproxy]:-}${R[$k,switchyard]:-}" ] || continue
+        echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
     done
 fi
 if ((ROUNDS > 1)) && want 6; then
