@@ -658,26 +658,43 @@ ticks() { # ticks PID... -> utime+stime summed over the PIDs, in clock ticks
     done
     echo "$sum"
 }
+waited() { # waited PID... -> ns their threads spent runnable, waiting for a CPU (schedstat field 2)
+    local pid f st sum=0
+    for pid in "$@"; do
+        for f in /proc/"$pid"/task/*/schedstat; do
+            read -r st 2>/dev/null <"$f" || continue
+            st=${st#* }; sum=$((sum + ${st%% *}))
+        done
+    done
+    echo "$sum"
+}
 # cpu_start TARGET : start counting the CPU time of TARGET's proxy (PID_<TARGET>'s session;
-# nothing for direct); cpu_stop -> CPU_S (seconds of CPU) and WALL_S (seconds since cpu_start)
+# nothing for direct); cpu_stop -> CPU_S (seconds of CPU), WAIT_S (seconds runnable but not
+# running: other work on the proxy CPU) and WALL_S (seconds since cpu_start)
 cpu_start() {
     local p=PID_$1
     CPU_PIDS=()
     [ -z "${!p:-}" ] || mapfile -t CPU_PIDS < <(session_pids "${!p}")
-    CPU_T0=$(ticks "${CPU_PIDS[@]}") WALL_T0=$EPOCHREALTIME
+    CPU_T0=$(ticks "${CPU_PIDS[@]}") CPU_W0=$(waited "${CPU_PIDS[@]}") WALL_T0=$EPOCHREALTIME
 }
 cpu_stop() {
-    local t1 w1=$EPOCHREALTIME
-    t1=$(ticks "${CPU_PIDS[@]}")
+    local t1 q1 w1=$EPOCHREALTIME
+    t1=$(ticks "${CPU_PIDS[@]}") q1=$(waited "${CPU_PIDS[@]}")
     CPU_S=$(awk -v a="$CPU_T0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / hz }')
+    WAIT_S=$(awk -v a="$CPU_W0" -v b="$q1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
     WALL_S=$(awk -v a="$WALL_T0" -v b="$w1" 'BEGIN { printf "%.3f", b - a }')
 }
-# add_cpu KEY TARGET N : add KEY-cpu (µs of proxy CPU per each of N requests) and KEY-busy
-# (proxy CPU % of the measured seconds); n/a for direct
+# add_busy KEY TARGET : add KEY-busy, "B/W": the proxy's CPU time (B) and its time waiting for
+# its CPU (W) in % of the measured seconds; n/a for direct
+add_busy() {
+    if ((${#CPU_PIDS[@]} == 0)); then add "$1-busy" "$2" n/a; return; fi
+    add "$1-busy" "$2" "$(awk -v c="$CPU_S" -v w="$WAIT_S" -v s="$WALL_S" 'BEGIN { printf "%.0f/%.0f", 100 * c / s, 100 * w / s }')"
+}
+# add_cpu KEY TARGET N : add KEY-cpu (µs of proxy CPU per each of N requests) and KEY-busy; n/a for direct
 add_cpu() {
-    if ((${#CPU_PIDS[@]} == 0)); then add "$1-cpu" "$2" n/a; add "$1-busy" "$2" n/a; return; fi
+    add_busy "$1" "$2"
+    if ((${#CPU_PIDS[@]} == 0)); then add "$1-cpu" "$2" n/a; return; fi
     add "$1-cpu" "$2" "$(awk -v c="$CPU_S" -v n="$3" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
-    add "$1-busy" "$2" "$(awk -v c="$CPU_S" -v s="$WALL_S" 'BEGIN { printf "%.0f", 100 * c / s }')"
 }
 
 run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KEY-cpu, KEY-busy
@@ -705,7 +722,7 @@ run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KE
     add_cpu "$key" "$t" "$n"
     [ -z "$errs" ] || NOTES+=("$key / $t / round $ROUND: wrk socket errors: $errs")
     [ -z "$non2xx" ] || NOTES+=("$key / $t / round $ROUND: $non2xx non-2xx responses")
-    log "  $key $t: $rps req/s, p99 $p99${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
+    log "  $key $t: $rps req/s, p99 $p99${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
 run_iperf() { # run_iperf KEY TARGET PORT [iperf3 args...] : KEY (Gbit/s) and KEY-busy
@@ -723,12 +740,8 @@ print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"
         log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/$key-$t.err" >&2
         add "$key" "$t" err; add "$key-busy" "$t" err; return; }
     add "$key" "$t" "$g"
-    if ((${#CPU_PIDS[@]})); then
-        add "$key-busy" "$t" "$(awk -v c="$CPU_S" -v s="$WALL_S" 'BEGIN { printf "%.0f", 100 * c / s }')"
-    else
-        add "$key-busy" "$t" n/a
-    fi
-    log "  $key $t: $g Gbit/s${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
+    add_busy "$key" "$t"
+    log "  $key $t: $g Gbit/s${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
 run_idle() { # run_idle TARGET PORT PID BACKEND_PORT : PID = the process whose VmRSS grows
@@ -778,7 +791,7 @@ run_redis() { # run_redis TARGET PORT : redis-get-rps, -p99, -cpu, -busy
     add redis-rps "$t" "$rps"
     add redis-p99 "$t" "$p99"
     add_cpu redis "$t" "$n"
-    log "  redis GET $t: $rps ops/s ($n GETs), p99 $p99 ms${CPU_PIDS[0]:+, proxy CPU $CPU_S s}"
+    log "  redis GET $t: $rps ops/s ($n GETs), p99 $p99 ms${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
 NOTES=()
@@ -983,7 +996,8 @@ if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
          "HAProxy \`mode tcp\`, \`nbthread 1\`, maxconn $HAP_MAXCONN; nginx stream 1 worker, \`proxy_timeout 1h\`, no access log,"\
          "worker_connections $NGX_CONNS; switchyard one listener, roundrobin, one backend. Proxy CPU = utime+stime of the proxy's"\
          "processes (nginx: master and worker; switchyard: all threads) from the start to the end of the measured run, per request"\
-         "(rows 1, 5), per new connection (row 2) or per GET (row 7); busy = that CPU time / the same seconds."\
+         "(rows 1, 5), per new connection (row 2) or per GET (row 7); busy = that CPU time / the same seconds; waiting = their"\
+         "run-queue time (/proc/PID/task/*/schedstat) / the same seconds: other work on the proxy CPU (0 is clean)."\
          "Median of $ROUNDS rounds, targets in rotating order; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
 if want 5; then
@@ -1022,9 +1036,14 @@ row() {
     local kind=${5:-ratios} t v cells="" rh="" rn=""
     for t in direct haproxy nginx switchyard; do
         if [ "$1" = 5 ] && [ "$t" = nginx ]; then
-            v="n/a (L4 only, no HTTP mode)"
+            v="n/a (L4 only)"
         elif [ "$kind" = frac ]; then
             if [ "$t" = direct ]; then v=1.00; else v=$(ratio_sp "$3" "$t" direct); fi
+        elif [ "$kind" = bw ]; then # values "busy/waiting": the median of each
+            v=${R[$3,$t]:-n/a}
+            [[ $v == *[0-9]/[0-9]* ]] &&
+                v="$(fmt "$(median "$(printf '%s\n' $v | cut -d/ -f1)")" 0) / $(fmt "$(median "$(printf '%s\n' $v | cut -sd/ -f2)")" 0)" ||
+                v=$(median "$v")
         else
             v=$(fmt "$(median "${R[$3,$t]:-}")" "$4")
         fi
@@ -1038,30 +1057,32 @@ row() {
 row 1 "keep-alive req/s (higher is better)" ka-rps 0
 row 1 "keep-alive proxy CPU µs per request (lower is better)" ka-cpu 2
 row 1 "keep-alive p99 latency ms (lower is better)" ka-p99 2
-row 1 "keep-alive proxy CPU busy, % of one core" ka-busy 0 none
+row 1 "keep-alive proxy CPU busy / waiting for its CPU, %" ka-busy 0 bw
 row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
 row 2 "proxy CPU µs per new connection (lower is better)" close-cpu 2
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
-row 2 "Connection: close proxy CPU busy, % of one core" close-busy 0 none
+row 2 "Connection: close proxy CPU busy / waiting for its CPU, %" close-busy 0 bw
 row 3a "iperf3 1 stream, Gbit/s (higher is better)" iperf1 2
 row 3a "iperf3 1 stream, fraction of direct" iperf1 2 frac
-row 3a "iperf3 1 stream, proxy CPU busy, % of one core" iperf1-busy 0 none
+row 3a "iperf3 1 stream, proxy CPU busy / waiting for its CPU, %" iperf1-busy 0 bw
 row 3b "iperf3 -P $IPERF_STREAMS, Gbit/s (higher is better)" iperfn 2
 row 3b "iperf3 -P $IPERF_STREAMS, fraction of direct" iperfn 2 frac
-row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU busy, % of one core" iperfn-busy 0 none
+row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU busy / waiting for its CPU, %" iperfn-busy 0 bw
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
 row 5 "HTTP mode keep-alive req/s (cookie insert) (higher is better)" hck-rps 0
 row 5 "HTTP mode proxy CPU µs per request (cookie insert) (lower is better)" hck-cpu 2
 row 5 "HTTP mode keep-alive p99 latency ms (cookie insert) (lower is better)" hck-p99 2
+row 5 "HTTP mode proxy CPU busy / waiting for its CPU, % (cookie insert)" hck-busy 0 bw
 if ((ROW5_STICKY)); then
     row 5 "HTTP mode keep-alive req/s (sticky cookie) (higher is better)" hst-rps 0
     row 5 "HTTP mode proxy CPU µs per request (sticky cookie) (lower is better)" hst-cpu 2
     row 5 "HTTP mode keep-alive p99 latency ms (sticky cookie) (lower is better)" hst-p99 2
+    row 5 "HTTP mode proxy CPU busy / waiting for its CPU, % (sticky cookie)" hst-busy 0 bw
 fi
 row 7 "redis GET ops/s (higher is better)" redis-rps 0
 row 7 "redis GET proxy CPU µs per GET (lower is better)" redis-cpu 2
 row 7 "redis GET p99 latency ms (lower is better)" redis-p99 2
-row 7 "redis GET proxy CPU busy, % of one core" redis-busy 0 none
+row 7 "redis GET proxy CPU busy / waiting for its CPU, %" redis-busy 0 bw
 udp_row() { # udp_row LABEL KEY DECIMALS RATIOS : medians; RATIOS = nginx, nginx+direct or none
     local d n s rn="" rd="" sp
     d=$(median "${R[$2,direct]:-}"); n=$(median "${R[$2,nginx]:-}"); s=$(median "${R[$2,switchyard]:-}")
