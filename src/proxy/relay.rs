@@ -105,11 +105,11 @@ pub async fn relay(
     let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
     std::future::poll_fn(|cx| {
         let mut moved = false;
-        let up = c2b.poll(cx, client, backend, |n| {
+        let up = c2b.poll(cx, client, backend, b2c.done, |n| {
             meter.client_to_backend(n);
             moved = true;
         })?;
-        let down = b2c.poll(cx, backend, client, |n| {
+        let down = b2c.poll(cx, backend, client, c2b.done, |n| {
             meter.backend_to_client(n);
             moved = true;
         })?;
@@ -147,11 +147,14 @@ struct Half {
 
 impl Half {
     /// Move bytes until `src` would block (Pending) or has ended (Ready).
+    /// `other_done`: the other direction has ended already, so the relay
+    /// ends with this one and closing the sockets says the rest.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
+        other_done: bool,
         mut count: impl FnMut(u64),
     ) -> Poll<io::Result<()>> {
         loop {
@@ -184,6 +187,13 @@ impl Half {
                 Ok((0, _)) => {
                     self.buf = None;
                     self.done = true;
+                    if other_done {
+                        // Both directions are over: the caller closes both
+                        // sockets, and closing `dst` sends its FIN (its
+                        // receive side is drained: it sent FIN first), so
+                        // a `shutdown` here would be one call for nothing.
+                        return Poll::Ready(Ok(()));
+                    }
                     // FIN from src: pass it on, keep the other direction.
                     match SockRef::from(dst).shutdown(Shutdown::Write) {
                         Ok(()) => {}

@@ -30,7 +30,7 @@ pub async fn serve(
     abort: Tripwire,
     _open: Open,
 ) {
-    sockets::tune_stream(&client, route.settings.keepalive);
+    // TCP_NODELAY and keepalive came with the socket from the listener.
     // Waiting in the queue or connecting must not outlast the shutdown
     // grace either.
     // Boxed: the connect phase (queue wait, timers, retries) is over before
