@@ -7,33 +7,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use common::*;
-use prometheus_parse::{Sample, Scrape, Value};
+use prometheus_parse::Scrape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::block_in_place;
 
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
 
-/// The value of the one sample of `name` whose labels include `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<&Sample> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .collect();
-    assert!(
-        matching.len() <= 1,
-        "{name} {labels:?} matches {} samples",
-        matching.len()
-    );
-    matching.first().map(|s| match &s.value {
-        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-        Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-        Value::Summary(_) => panic!("no summaries here"),
-    })
-}
-
 fn must(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    value(scrape, name, labels).unwrap_or_else(|| panic!("missing {name} {labels:?}"))
+    sample_value(scrape, name, labels).unwrap_or_else(|| panic!("missing {name} {labels:?}"))
 }
 
 /// One connection: read the greeting, send `payload`, read its echo, close.
@@ -82,7 +63,7 @@ async fn metrics_are_exact_after_known_traffic() {
     let mut s = scrape(admin).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let probed = |s: &Scrape, backend| {
-        value(
+        sample_value(
             s,
             "switchyard_health_checks_total",
             &[("backend", backend), ("result", "success")],
@@ -264,10 +245,10 @@ async fn removed_backend_series_disappear_after_its_last_connection() {
     let start = tokio::time::Instant::now();
     loop {
         let s = scrape(admin).await;
-        if value(&s, "switchyard_connections_total", &lb).is_none() {
-            assert!(value(&s, "switchyard_backend_up", &lb).is_none());
+        if sample_value(&s, "switchyard_connections_total", &lb).is_none() {
+            assert!(sample_value(&s, "switchyard_backend_up", &lb).is_none());
             assert!(
-                value(
+                sample_value(
                     &s,
                     "switchyard_bytes_total",
                     &[lb[0], lb[1], ("direction", "client_to_backend")]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side L4 load benchmark: direct vs HAProxy (mode tcp, nbthread 1) vs switchyard.
-# Loopback only. See benches/load/README.md.
+# Side-by-side L4 load benchmark: direct vs HAProxy (mode tcp, nbthread 1) vs switchyard;
+# row 6 (UDP): direct vs nginx stream (1 worker) vs switchyard. Loopback only.
+# See benches/load/README.md.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -8,19 +9,25 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 DURATION=${DURATION:-5}             # seconds per wrk run
 WARMUP=${WARMUP:-1}                 # seconds of unmeasured wrk warm-up before each run (0 = none)
-ROUNDS=${ROUNDS:-3}                 # rows 1-3 and 5 run ROUNDS times, targets in rotating order; median reported
+ROUNDS=${ROUNDS:-3}                 # rows 1-3, 5 and 6 run ROUNDS times, targets in rotating order; median reported
 CONNS=${CONNS:-50}                  # wrk connections
 WRK_THREADS=${WRK_THREADS:-1}
 IPERF_DURATION=${IPERF_DURATION:-$DURATION}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
-ROWS=${ROWS:-1 2 3 4 5}             # which rows to run
+ROWS=${ROWS:-1 2 3 4 5 6}           # which rows to run
 ROW5_STICKY=${ROW5_STICKY:-1}       # row 5: also run wrk with the sticky cookie (0 = only without cookie)
+UDP_SOCKETS=${UDP_SOCKETS:-256}     # row 6: client sockets (source ports) of the UDP load generator
+UDP_OUTSTANDING=${UDP_OUTSTANDING:-64} # row 6: datagrams kept outstanding (at most one per socket)
+UDP_SIZE=${UDP_SIZE:-80}            # row 6: bytes per datagram (a DNS query's size)
+UDP_TIMEOUT_MS=${UDP_TIMEOUT_MS:-1000} # row 6: a reply later than this is a lost datagram
 SWITCHYARD_BIN=${SWITCHYARD_BIN:-}  # set to skip `cargo build --release` and use this binary
+UDPLOAD_BIN=${UDPLOAD_BIN:-}        # row 6: set to skip building benches/load/udpload.rs and use this binary
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+want() { [[ " $ROWS " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- tools
 need=()
@@ -42,12 +49,37 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 # Debian's nginx package may start a system instance; ours is separate (own prefix and port).
+# Row 6 needs nginx's stream module; Debian builds it as a module in its own package.
+NGX_STREAM=""   # "load_module ...;" line for the row-6 nginx config, or empty when built in
+if want 6; then
+    if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+        ngx_mods=$(nginx -V 2>&1 | tr ' ' '\n' | sed -n 's/^--modules-path=//p')
+        ngx_mod=${ngx_mods:-/usr/lib/nginx/modules}/ngx_stream_module.so
+        if [ ! -f "$ngx_mod" ]; then
+            log "installing missing: libnginx-mod-stream (nginx stream module, row 6)"
+            SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+            $SUDO apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libnginx-mod-stream >/dev/null
+        fi
+        [ -f "$ngx_mod" ] || die "no nginx stream module at $ngx_mod"
+        NGX_STREAM="load_module $ngx_mod;"
+    elif ! nginx -V 2>&1 | grep -q -- '--with-stream'; then
+        die "this nginx has no stream module (row 6 needs it)"
+    fi
+fi
 
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 SY_GIVEN=${SWITCHYARD_BIN:+1}
 if [ -z "$SWITCHYARD_BIN" ]; then
     log "building switchyard (cargo build --release)"
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    SWITCHYARD_BIN=$ROOT/target/release/switchyard
+    SWITCHYARD_BIN=$TARGET_DIR/release/switchyard
+fi
+if want 6 && [ -z "$UDPLOAD_BIN" ]; then
+    log "building the UDP load generator (cargo build --release --example udpload)"
+    (cd "$ROOT" && cargo build --release --quiet --example udpload) || die "cargo build --release --example udpload failed"
+    UDPLOAD_BIN=$TARGET_DIR/release/examples/udpload
 fi
 # The commit, read when the binary is built (the tree may move on during the run).
 rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)
@@ -57,6 +89,7 @@ elif [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock b
     rev="$rev+uncommitted changes"
 fi
 [ -x "$SWITCHYARD_BIN" ] || die "no switchyard binary at $SWITCHYARD_BIN"
+! want 6 || [ -x "$UDPLOAD_BIN" ] || die "no udpload binary at $UDPLOAD_BIN"
 
 # CPU pinning (needs 2 CPUs; otherwise run unpinned and say so)
 ncpu=$(nproc)
@@ -134,14 +167,30 @@ wait_listen() {
     done
 }
 
-free_ports() { # free_ports N -> N distinct free TCP ports on 127.0.0.1
-    python3 - "$1" <<'EOF'
+free_ports() { # free_ports N [udp] -> N distinct free TCP (or UDP) ports on 127.0.0.1
+    python3 - "$1" "${2:-tcp}" <<'EOF'
 import socket, sys
+kind = socket.SOCK_DGRAM if sys.argv[2] == "udp" else socket.SOCK_STREAM
 socks = []
 for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+    s = socket.socket(socket.AF_INET, kind); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
+}
+
+# wait_udp PORT PID NAME : poll until a UDP socket is bound to 127.0.0.1:PORT (deadline 30 s);
+# returns 1 when NAME exited because the port was taken since free_ports saw it free (on a
+# machine where tests open UDP sockets by the thousand, an ephemeral port can be)
+wait_udp() {
+    local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 30))
+    until ss -Hlun "sport = :$port" | grep -q .; do
+        if ! alive "$pid"; then
+            grep -q 'Address already in use' "$TMP/$name.log" && { log "$name: udp :$port was taken; another port"; return 1; }
+            tail -n 20 "$TMP/$name.log" >&2; die "$name exited during start-up"
+        fi
+        ((SECONDS < deadline)) || { tail -n 20 "$TMP/$name.log" >&2; die "$name did not bind udp :$port within 30 s"; }
+        sleep 0.05
+    done
 }
 
 # start_nginx NAME PORT... : one nginx (1 worker) with a server block per port, all serving
@@ -255,6 +304,19 @@ EOF
     wait_listen "$1" "$SY_PID" switchyard
 }
 
+# start_checked_switchyard NAME CFG ROW WHAT : `switchyard check` the config, then start
+# it pinned to the proxy CPU (SY_PID); a rejected config is logged and noted for ROW.
+start_checked_switchyard() {
+    local log_file="$TMP/$1-check.log"
+    if ! "$SWITCHYARD_BIN" check --config "$2" >"$log_file" 2>&1; then
+        log "switchyard rejects the $4 config:"; sed 's/^/    /' "$log_file" >&2
+        NOTES+=("$3: switchyard rejects the $4 config: $(grep -m1 . "$log_file")")
+        return 1
+    fi
+    start "$1" "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$2"
+    SY_PID=$LAST_PID
+}
+
 # start_proxies BACKEND_PORT -> PORT_direct PORT_haproxy PORT_switchyard
 start_proxies() {
     local hp sp
@@ -313,13 +375,7 @@ address = "127.0.0.1:$2"
 name = "s2"
 address = "127.0.0.1:$3"
 EOF
-    if ! "$SWITCHYARD_BIN" check --config "$cfg" >"$TMP/switchyard-http-check.log" 2>&1; then
-        log "switchyard rejects the HTTP-mode config:"; sed 's/^/    /' "$TMP/switchyard-http-check.log" >&2
-        NOTES+=("row 5: switchyard rejects the HTTP-mode config: $(grep -m1 . "$TMP/switchyard-http-check.log")")
-        return 1
-    fi
-    start switchyard-http "${PIN_PROXY[@]}" "$SWITCHYARD_BIN" run --config "$cfg"
-    SY_PID=$LAST_PID
+    start_checked_switchyard switchyard-http "$cfg" "row 5" "HTTP-mode" || return 1
     wait_listen "$1" "$SY_PID" switchyard-http
 }
 
@@ -358,6 +414,121 @@ check_http() {
     log "row 5: $t: cookie $CK; sticky check $st"
 }
 
+# ---- row 6: UDP request/response (DNS-like), nginx stream instead of HAProxy (no UDP there)
+start_udp_echo() { # start_udp_echo -> ECHO_PORT : the UDP echo backend (benches/load/udpload.rs) on a port of its own choosing
+    local deadline=$((SECONDS + 30))
+    start udp-echo "${PIN_LOAD[@]}" "$UDPLOAD_BIN" echo 127.0.0.1:0
+    until ECHO_PORT=$(sed -n 's/^bound 127\.0\.0\.1://p' "$TMP/udp-echo.log") && [ -n "$ECHO_PORT" ]; do
+        alive "$LAST_PID" || { tail -n 20 "$TMP/udp-echo.log" >&2; die "udp-echo exited during start-up"; }
+        ((SECONDS < deadline)) || die "udp-echo did not bind within 30 s"
+        sleep 0.05
+    done
+}
+
+start_nginx_udp() { # start_nginx_udp BACKEND_PORT -> NGX_PID NGX_PORT (3 tries at a free port)
+    for _ in 1 2 3; do
+        read -r NGX_PORT < <(free_ports 1 udp)
+        start_nginx_udp_at "$NGX_PORT" "$1" && return 0
+    done
+    die "nginx-udp: no free udp port in 3 tries"
+}
+start_nginx_udp_at() { # start_nginx_udp_at LISTEN_PORT BACKEND_PORT -> NGX_PID
+    local dir=$TMP/nginx-udp
+    mkdir -p "$dir/logs"
+    # proxy_responses 1: a session ends with its one reply (a DNS query); proxy_timeout as
+    # switchyard's idle_timeout, for sessions whose reply never comes.
+    cat >"$dir/nginx.conf" <<EOF
+$NGX_STREAM
+worker_processes 1;
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+worker_rlimit_nofile $NOFILE;
+events { worker_connections 10000; }
+stream {
+    server {
+        listen 127.0.0.1:$1 udp;
+        proxy_pass 127.0.0.1:$2;
+        proxy_responses 1;
+        proxy_timeout 5s;
+    }
+}
+EOF
+    start nginx-udp "${PIN_PROXY[@]}" nginx -p "$dir" -c "$dir/nginx.conf"
+    NGX_PID=$LAST_PID
+    wait_udp "$1" "$NGX_PID" nginx-udp
+}
+
+# start_switchyard_udp BACKEND_PORT -> SY_PID SY_PORT (3 tries at a free port); returns 1 (and
+# adds a note) when this build rejects the config.
+start_switchyard_udp() {
+    for _ in 1 2 3; do
+        read -r SY_PORT < <(free_ports 1 udp)
+        start_switchyard_udp_at "$SY_PORT" "$1" && return 0
+        (($? == 2)) && return 1
+    done
+    die "switchyard-udp: no free udp port in 3 tries"
+}
+start_switchyard_udp_at() { # start_switchyard_udp_at LISTEN_PORT BACKEND_PORT -> SY_PID; 2 = config rejected
+    local cfg=$TMP/switchyard-udp.toml
+    cat >"$cfg" <<EOF
+[[listener]]
+name = "dns"
+bind = "127.0.0.1:$1"
+mode = "udp"
+algorithm = "roundrobin"
+udp_replies = 1
+idle_timeout = "5s"
+[[listener.backend]]
+name = "b1"
+address = "127.0.0.1:$2"
+EOF
+    start_checked_switchyard switchyard-udp "$cfg" "row 6" "UDP" || return 2
+    wait_udp "$1" "$SY_PID" switchyard-udp
+}
+
+session_pids() { # session_pids SID -> the pids of the processes in session SID (nginx: master and worker)
+    local f st sid
+    for f in /proc/[0-9]*/stat; do
+        st=$(cat "$f" 2>/dev/null) || continue
+        read -r _ _ _ sid _ <<<"${st##*) }"
+        [ "$sid" = "$1" ] || continue
+        f=${f#/proc/}; echo "${f%/stat}"
+    done
+}
+
+run_udp() { # run_udp TARGET PORT [PROXY_PID] : udpload against PORT; proxy CPU = PROXY_PID's session
+    local t=$1 port=$2 out=$TMP/udp-$1-r$ROUND.txt cpu=() pid
+    if [ -n "${3:-}" ]; then
+        for pid in $(session_pids "$3"); do cpu+=(--cpu-pid "$pid"); done
+    fi
+    "${PIN_LOAD[@]}" "$UDPLOAD_BIN" load "127.0.0.1:$port" --sockets "$UDP_SOCKETS" --outstanding "$UDP_OUTSTANDING" \
+        --size "$UDP_SIZE" --duration "$DURATION" --warmup "$WARMUP" --timeout-ms "$UDP_TIMEOUT_MS" "${cpu[@]}" \
+        >"$out" 2>&1 || true
+    # one line: replies=N sent=N lost=N late=N bad=N refused=N send_err=N seconds=S rate=N ... cpu_s=S
+    local -A u=()
+    local kv
+    for kv in $(grep -m1 '^replies=' "$out" || true); do u[${kv%%=*}]=${kv#*=}; done
+    if [ -z "${u[rate]:-}" ]; then
+        log "udpload against $t failed:"; sed 's/^/    /' "$out" >&2
+        add udp-rate "$t" err; add udp-cpu "$t" err; add udp-busy "$t" err; add udp-wait "$t" err; add udp-lost "$t" err
+        return
+    fi
+    add udp-rate "$t" "${u[rate]}"
+    add udp-lost "$t" "${u[lost]}"
+    if [ -n "${3:-}" ]; then
+        add udp-cpu "$t" "$(awk -v c="${u[cpu_s]}" -v n="${u[replies]}" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
+        add udp-busy "$t" "$(awk -v c="${u[cpu_s]}" -v s="${u[seconds]}" 'BEGIN { printf "%.0f", 100 * c / s }')"
+        add udp-wait "$t" "$(awk -v w="${u[wait_s]}" -v s="${u[seconds]}" 'BEGIN { printf "%.0f", 100 * w / s }')"
+    else
+        add udp-cpu "$t" n/a; add udp-busy "$t" n/a; add udp-wait "$t" n/a
+    fi
+    ((u[lost] + u[late] + u[bad] + u[refused] + u[send_err] == 0)) ||
+        NOTES+=("udp / $t / round $ROUND: ${u[lost]} lost (no reply within $UDP_TIMEOUT_MS ms), ${u[late]} late, ${u[bad]} bad, ${u[refused]} refused (ICMP), ${u[send_err]} send errors")
+    log "  udp $t: ${u[rate]} replies/s, ${u[lost]} lost${3:+, proxy CPU ${u[cpu_s]} s, waited for it ${u[wait_s]} s}"
+}
+
 # log_problems NAME : add a note with the ERROR/WARN (switchyard) or ALERT/WARNING (HAProxy)
 # lines of $TMP/NAME.log
 log_problems() {
@@ -373,8 +544,12 @@ TARGETS=(direct haproxy switchyard)
 declare -A R   # R[metric,target] = values, one per round, space-separated
 add() { R[$1,$2]="${R[$1,$2]:-}${R[$1,$2]:+ }$3"; }
 
-# in_order ROUND -> TARGETS rotated by ROUND (so no target always runs first or last)
-in_order() { local i n=${#TARGETS[@]}; for ((i = 0; i < n; i++)); do echo "${TARGETS[(i + $1) % n]}"; done; }
+# in_order ROUND [TARGET...] -> the targets (default TARGETS) rotated by ROUND (so no target always runs first or last)
+in_order() {
+    local r=$1 i; shift
+    local ts=("$@"); ((${#ts[@]})) || ts=("${TARGETS[@]}")
+    for ((i = 0; i < ${#ts[@]}; i++)); do echo "${ts[(i + r) % ${#ts[@]}]}"; done
+}
 
 to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
     awk -v v="$1" 'BEGIN {
@@ -451,8 +626,6 @@ if ((BUSY > 15)); then
     log "warning: the CPUs were ${BUSY}% busy before the run: other work on this machine adds noise"
     NOTES+=("the CPUs were ${BUSY}% busy just before the run: other work on the machine adds noise")
 fi
-
-want() { [[ " $ROWS " == *" $1 "* ]]; }
 
 # Rows 1-2: nginx backend
 if want 1 || want 2; then
@@ -539,6 +712,31 @@ if want 5; then
     log_problems haproxy-http
 fi
 
+# Row 6: DNS-like UDP request/response, one echo backend; nginx stream stands in for HAProxy
+# (which has no UDP proxying). Both proxies run for the whole row, each idle while the other is measured.
+if want 6; then
+    start_udp_echo
+    start_nginx_udp "$ECHO_PORT"
+    PORT_direct=$ECHO_PORT PORT_nginx=$NGX_PORT PID_direct="" PID_nginx=$NGX_PID
+    UDP_TARGETS=(direct nginx)
+    if start_switchyard_udp "$ECHO_PORT"; then
+        UDP_TARGETS+=(switchyard) PORT_switchyard=$SY_PORT PID_switchyard=$SY_PID
+    else
+        R[udp-rate,switchyard]=n/a R[udp-cpu,switchyard]=n/a R[udp-busy,switchyard]=n/a R[udp-wait,switchyard]=n/a R[udp-lost,switchyard]=n/a
+    fi
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        log "row 6: UDP request/response, $UDP_OUTSTANDING outstanding from $UDP_SOCKETS sockets (round $ROUND/$ROUNDS)"
+        for t in $(in_order "$ROUND" "${UDP_TARGETS[@]}"); do
+            p=PORT_$t; q=PID_$t; run_udp "$t" "${!p}" "${!q}"
+        done
+    done
+    stop_all
+    log_problems switchyard-udp
+    if [ -s "$TMP/nginx-udp/logs/error.log" ]; then
+        NOTES+=("nginx-udp: $(wc -l <"$TMP/nginx-udp/logs/error.log") lines in its error log, first: $(head -n 3 "$TMP/nginx-udp/logs/error.log" | cut -c1-300 | paste -sd'|')")
+    fi
+fi
+
 # ---------------------------------------------------------------- report
 ratio() { # ratio SWITCHYARD HAPROXY
     awk -v s="$1" -v h="$2" 'BEGIN {
@@ -553,23 +751,49 @@ median() { # median "v1 v2 ..." -> median of the numeric values; "err"/"n/a" if 
 fmt() { # fmt VALUE DECIMALS
     awk -v v="$1" -v d="$2" 'BEGIN { if (v ~ /^-?[0-9.]+$/) printf "%.*f", d, v; else print v }'
 }
+spread() { # spread "a1 a2 ..." "b1 b2 ..." -> "min-max" of the per-round ratios a_i/b_i ("" if none)
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " ")
+        for (i = 1; i <= n; i++) {
+            if (x[i] !~ /^[0-9.]+$/ || y[i] !~ /^[0-9.]+$/ || y[i] + 0 == 0) continue
+            r = x[i] / y[i]; if (!k++ || r < lo) lo = r; if (k == 1 || r > hi) hi = r
+        }
+        if (k) printf "%.2f-%.2f", lo, hi }'
+}
+total() { # total "v1 v2 ..." -> sum of the numeric values, or the first non-numeric one
+    awk -v v="$1" 'BEGIN { n = split(v, x, " "); if (!n) { print "n/a"; exit }
+        for (i = 1; i <= n; i++) { if (x[i] !~ /^[0-9]+$/) { print x[i]; exit } s += x[i] } print s }'
+}
 
 echo
 echo "## switchyard load benchmark ($STARTED)"
 echo
 echo "switchyard $rev ($SWITCHYARD_BIN), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's/.*: //'),"\
      "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), $(iperf3 -v | head -1 | awk '{print "iperf3 " $2}'); $(uname -r), $ncpu CPUs, $pinning."
-echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3 and 5: median of $ROUNDS rounds;"\
-     "$IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+if want 1 || want 2 || want 3 || want 4 || want 5; then
+    echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION; rows 1-3 and 5: median of $ROUNDS rounds;"\
+         "$IDLE_CONNS idle connections; HAProxy maxconn $HAP_MAXCONN."
+fi
 if want 5; then
     echo "Row 5: two nginx server blocks (one nginx worker); HAProxy \`mode http\`, \`balance roundrobin\`, \`cookie SERVERID insert indirect nocache\`;"\
          "switchyard \`mode = \"http\"\`, roundrobin, \`[listener.sticky] method = \"lbcookie\"\`; direct = the first server block."\
          "\"cookie insert\": wrk sends no cookie, so every request is balanced and answered with a Set-Cookie;"\
          "\"sticky cookie\": wrk sends \`Cookie: SERVERID=<s1's value>\` (HAProxy \`s1\`, switchyard: taken from its Set-Cookie)."
 fi
+if want 6; then
+    echo "Row 6: UDP request/response, one echo backend (\`udpload echo\`, recvmmsg/sendmmsg); \`udpload load\` keeps $UDP_OUTSTANDING datagrams"\
+         "of $UDP_SIZE bytes outstanding from $UDP_SOCKETS client sockets for ${DURATION}s (after ${WARMUP}s warm-up), a reply missing for"\
+         "over $UDP_TIMEOUT_MS ms = lost; nginx stream \`listen udp\`, \`proxy_responses 1\`, \`proxy_timeout 5s\`, 1 worker;"\
+         "switchyard \`mode = \"udp\"\`, \`udp_replies = 1\`, \`idle_timeout = \"5s\"\`, one backend. HAProxy has no UDP proxying: not in this row."\
+         "Proxy CPU = utime+stime of the proxy's processes (nginx: master and worker; switchyard: all threads) over the counted seconds;"\
+         "waiting = their run-queue time (/proc/PID/task/*/schedstat) over the same seconds."\
+         "Median of $ROUNDS rounds; ratios are of the medians, with the range of the per-round ratios in brackets."
+fi
+if want 1 || want 2 || want 3 || want 4 || want 5; then
 echo
 echo "| # | workload | direct | HAProxy | switchyard | switchyard/HAProxy |"
 echo "|---|---|---:|---:|---:|---:|"
+fi
 row() { # row NUM LABEL KEY DECIMALS
     want "$1" || return 0
     local d h s
@@ -588,12 +812,41 @@ if ((ROW5_STICKY)); then
     row 5 "HTTP mode keep-alive req/s (sticky cookie) (higher is better)" hst-rps 0
     row 5 "HTTP mode keep-alive p99 latency ms (sticky cookie) (lower is better)" hst-p99 2
 fi
+udp_row() { # udp_row LABEL KEY DECIMALS RATIOS : medians; RATIOS = nginx, nginx+direct or none
+    local d n s rn="" rd="" sp
+    d=$(median "${R[$2,direct]:-}"); n=$(median "${R[$2,nginx]:-}"); s=$(median "${R[$2,switchyard]:-}")
+    if [[ $4 == nginx* ]]; then
+        rn=$(ratio "$s" "$n"); sp=$(spread "${R[$2,switchyard]:-}" "${R[$2,nginx]:-}"); [ -z "$sp" ] || rn+=" ($sp)"
+        rd="n/a"
+    fi
+    if [[ $4 == *direct ]]; then
+        rd=$(ratio "$s" "$d"); sp=$(spread "${R[$2,switchyard]:-}" "${R[$2,direct]:-}"); [ -z "$sp" ] || rd+=" ($sp)"
+    fi
+    echo "| 6 | $1 | $(fmt "$d" "$3") | $(fmt "$n" "$3") | $(fmt "$s" "$3") | $rn | $rd |"
+}
+if want 6; then
+    echo
+    echo "| # | workload | direct | nginx stream | switchyard | switchyard/nginx | switchyard/direct |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    udp_row "UDP replies/s (higher is better)" udp-rate 0 nginx+direct
+    udp_row "proxy CPU µs per reply, request + reply (lower is better)" udp-cpu 2 nginx
+    udp_row "proxy CPU busy, % of one core" udp-busy 0 none
+    udp_row "proxy runnable but waiting for its CPU, % (other work on it; 0 is clean)" udp-wait 0 none
+    echo "| 6 | datagrams lost, all rounds (lower is better) | $(total "${R[udp-lost,direct]:-}") | $(total "${R[udp-lost,nginx]:-}") | $(total "${R[udp-lost,switchyard]:-}") | | |"
+fi
 if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 5; }; then
     echo
     echo "Per-round values (direct / HAProxy / switchyard):"
     for k in ka-rps ka-p99 close-rps close-p99 iperf hck-rps hck-p99 hst-rps hst-p99; do
         [ -n "${R[$k,haproxy]:-}" ] || continue
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,switchyard]:-}"
+    done
+fi
+if ((ROUNDS > 1)) && want 6; then
+    echo
+    echo "Per-round values, row 6 (direct / nginx stream / switchyard):"
+    for k in udp-rate udp-cpu udp-busy udp-wait udp-lost; do
+        echo "- $k: ${R[$k,direct]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
     done
 fi
 if ((${#NOTES[@]})); then

@@ -752,3 +752,63 @@ pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("valid exposition")
 }
+
+/// Poll the async `probe` until it returns `Ok`, failing the test after
+/// `DEADLINE` with the last thing it said (`Err`) about what it saw.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; last seen: {last}"
+            ),
+        }
+        poll.tick().await;
+    }
+}
+
+/// A port on 127.0.0.1 free for both UDP and TCP just now (bound, read,
+/// released), for configs that must name a fixed port.
+pub fn free_udp_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP on 127.0.0.1");
+}
+
+/// The value of the one sample of `name` whose labels include `labels`
+/// (a histogram: its count), or `None` if there is none; more than one
+/// matching sample fails the test.
+pub fn sample_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use prometheus_parse::Value;
+    let matching: Vec<&prometheus_parse::Sample> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {} samples",
+        matching.len()
+    );
+    matching.first().map(|s| match &s.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+        Value::Summary(_) => panic!("no summaries here"),
+    })
+}

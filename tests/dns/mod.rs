@@ -80,9 +80,9 @@ impl Answer {
 
 static QUERY_ID: AtomicU32 = AtomicU32::new(0);
 
-/// One query over UDP; `None` when no answer came within `timeout` (or
-/// the port is closed: the kernel then reports the ICMP error at once).
-pub fn query(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> Option<Answer> {
+/// A query message for `name` (recursion desired) and its id, unique
+/// within this process.
+fn query_message(name: &str, qtype: u16) -> (u16, Vec<u8>) {
     let id = (std::process::id() as u16)
         .wrapping_mul(31)
         .wrapping_add(QUERY_ID.fetch_add(1, Ordering::Relaxed) as u16);
@@ -98,7 +98,14 @@ pub fn query(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> O
     q.push(0);
     q.extend_from_slice(&qtype.to_be_bytes());
     q.extend_from_slice(&1u16.to_be_bytes()); // IN
+    (id, q)
+}
 
+/// One query over UDP, from a socket of its own (a new source port each
+/// time); `None` when no answer came within `timeout` (or the port is
+/// closed: the kernel then reports the ICMP error at once).
+pub fn query(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> Option<Answer> {
+    let (id, q) = query_message(name, qtype);
     let bind: SocketAddr = if server.is_ipv4() {
         "127.0.0.1:0".parse().unwrap()
     } else {
@@ -120,6 +127,25 @@ pub fn query(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> O
         }
         // A stray or mangled datagram: keep waiting for ours.
     }
+}
+
+/// One query over TCP (RFC 1035 4.2.2: each message after its two-byte
+/// length), on a connection of its own; `None` when the connection or the
+/// answer did not come within `timeout`, or the answer is not ours.
+pub fn query_tcp(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> Option<Answer> {
+    use std::io::{Read, Write};
+    let (id, q) = query_message(name, qtype);
+    let mut stream = std::net::TcpStream::connect_timeout(&server, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    stream.write_all(&framed).ok()?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).ok()?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    stream.read_exact(&mut msg).ok()?;
+    parse(&msg, id)
 }
 
 /// A response to query `id`, or `None` if `msg` is not one.
@@ -429,6 +455,14 @@ impl Dnsmasq {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// How many queries of type `qtype` ("A", "AAAA", "SRV") for `name`
+    /// it has logged so far (over UDP and TCP, from anyone).
+    pub fn queries_logged(&self, name: &str, qtype: &str) -> usize {
+        self.log()
+            .matches(&format!("query[{qtype}] {name} from "))
+            .count()
     }
 
     /// What it answers for `name` now (A and AAAA).

@@ -48,6 +48,7 @@ use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 use hashbrown::hash_map::Entry as Slot;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -451,15 +452,42 @@ impl SessionTask {
                         return End::Idle;
                     }
                 }
-                ready = self.toward.readable() => {
-                    if ready.is_err() {
+                // An ICMP error with no datagram raises only EPOLLERR,
+                // which readable() alone would never see.
+                ready = self.toward.ready(Interest::READABLE | Interest::ERROR) => {
+                    let Ok(ready) = ready else {
                         return End::Failed;
+                    };
+                    if ready.is_error()
+                        && let Some(end) = self.pending_error()
+                    {
+                        return end;
                     }
                     if let Some(end) = self.replies().await {
                         return end;
                     }
                 }
             }
+        }
+    }
+
+    /// The socket's pending error, taken (an ICMP error raises only error
+    /// readiness, and no datagram): the end it means, if any. No error
+    /// clears the readiness. One `try_io` per interest: tokio runs the
+    /// closure for a single interest only.
+    fn pending_error(&self) -> Option<End> {
+        let taken = self.toward.try_io(Interest::ERROR, || {
+            self.toward
+                .take_error()?
+                .ok_or_else(|| io::ErrorKind::WouldBlock.into())
+        });
+        match taken {
+            Ok(e) if e.kind() == io::ErrorKind::ConnectionRefused => Some(End::Refused),
+            Ok(e) => {
+                debug!(client = %self.client, error = %e, "udp backend socket failed");
+                Some(End::Failed)
+            }
+            Err(_) => None,
         }
     }
 
