@@ -140,13 +140,18 @@ fn tune(sock: SockRef<'_>, keepalive: Option<Keepalive>) {
         tracing::debug!(error = %e, "TCP_NODELAY failed");
     }
     if let Some(k) = keepalive {
-        let params = TcpKeepalive::new()
-            .with_time(k.idle)
-            .with_interval(k.interval)
-            .with_retries(k.count);
-        if let Err(e) = sock.set_tcp_keepalive(&params) {
-            tracing::debug!(error = %e, "TCP keepalive failed");
-        }
+        set_keepalive(sock, k);
+    }
+}
+
+/// Turn keepalive on with these settings (four option calls).
+pub fn set_keepalive<'s>(sock: impl Into<SockRef<'s>>, k: Keepalive) {
+    let params = TcpKeepalive::new()
+        .with_time(k.idle)
+        .with_interval(k.interval)
+        .with_retries(k.count);
+    if let Err(e) = sock.into().set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "TCP keepalive failed");
     }
 }
 

@@ -28,6 +28,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::config::Keepalive;
+
 /// Read size while data flows. 64 KiB matches the kernel's default maximum
 /// autotuned receive window chunk on loopback and halves syscalls compared
 /// with 16 KiB in bulk benchmarks.
@@ -83,8 +85,15 @@ pub trait Meter: Sync {
     fn backend_to_client(&self, bytes: u64);
 }
 
+/// A connection that ends sooner than this never needs a keepalive probe,
+/// so its backend socket's keepalive is set only once it has lived this
+/// long: four option calls saved on every short connection, and the first
+/// probe of a long one comes at most this much later than configured.
+pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
+
 /// Relay until both directions have ended, one fails, or the connection has
-/// been idle for `idle`.
+/// been idle for `idle`. With `backend_keepalive`, keepalive is turned on
+/// on `backend` once the connection has lived [`KEEPALIVE_AFTER`].
 ///
 /// Written as one hand-rolled poll loop rather than two `async` copy loops
 /// joined: it waits through the sockets' own reader/writer waker slots
@@ -96,13 +105,18 @@ pub async fn relay(
     backend: &TcpStream,
     idle: Duration,
     meter: &impl Meter,
+    mut backend_keepalive: Option<Keepalive>,
 ) -> io::Result<End> {
     let mut c2b = Half::default();
     let mut b2c = Half::default();
     let mut last_activity = Instant::now();
     // One timer for the connection, re-armed from the last activity when it
-    // fires, never reset per read.
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
+    // fires, never reset per read; first due when keepalive is.
+    let first = match backend_keepalive {
+        Some(_) => idle.min(KEEPALIVE_AFTER),
+        None => idle,
+    };
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep(first));
     std::future::poll_fn(|cx| {
         let mut moved = false;
         let up = c2b.poll(cx, client, backend, b2c.done, |n| {
@@ -120,6 +134,9 @@ pub async fn relay(
             last_activity = Instant::now();
         }
         while idle_timer.as_mut().poll(cx).is_ready() {
+            if let Some(k) = backend_keepalive.take() {
+                crate::sockets::set_keepalive(backend, k);
+            }
             let deadline = last_activity + idle;
             if deadline <= Instant::now() {
                 return Poll::Ready(Ok(End::Idle));

@@ -71,13 +71,14 @@ pub async fn serve(
     // From here on the connection holds what it uses, not the route: a
     // session that lasts for days pins no pool.
     let idle_timeout = route.settings.idle_timeout;
+    let keepalive = route.settings.keepalive;
     let duration = route.shared.metrics.connection_duration.clone();
     drop((route, backend));
     let started = Instant::now();
     let meter = BackendMeter(slot.guard().state());
     let end = tokio::select! {
         biased;
-        r = relay::relay(&client, &upstream, idle_timeout, &meter) => match r {
+        r = relay::relay(&client, &upstream, idle_timeout, &meter, keepalive) => match r {
             Ok(End::Closed) => "closed",
             Ok(End::Idle) => "idle timeout",
             Err(e) => {
@@ -97,9 +98,10 @@ async fn connect_backend(
     route: &Route,
     peer: SocketAddr,
 ) -> Result<Reached<TcpStream>, connect::Unserved> {
-    let (timeout, keepalive) = (route.settings.connect_timeout, route.settings.keepalive);
+    let timeout = route.settings.connect_timeout;
     connect::reach(route, peer.ip(), None, (), |backend, ()| async move {
-        match sockets::connect(backend.addr, timeout, keepalive).await {
+        // Keepalive comes later, if the connection lives (the relay sets it).
+        match sockets::connect(backend.addr, timeout, None).await {
             Ok(stream) => {
                 backend.state.record_established();
                 Ok(stream)
@@ -173,7 +175,13 @@ mod tests {
         );
         let state = BackendState::default();
         let meter = BackendMeter(&state);
-        let relay = relay::relay(&server_side, &server_side, Duration::from_secs(1), &meter);
+        let relay = relay::relay(
+            &server_side,
+            &server_side,
+            Duration::from_secs(1),
+            &meter,
+            None,
+        );
         assert!(
             size_of_val(&relay) <= 512,
             "relay: {} bytes",
