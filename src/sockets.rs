@@ -147,8 +147,8 @@ fn tune(sock: SockRef<'_>, keepalive: Option<Keepalive>) {
 /// Turn keepalive on with these settings (four option calls).
 pub fn set_keepalive<'s>(sock: impl Into<SockRef<'s>>, k: Keepalive) {
     let params = TcpKeepalive::new()
-        .with_time(k.idle)
-        .with_interval(k.interval)
+        .with_time(Duration::from_secs(k.idle_secs.into()))
+        .with_interval(Duration::from_secs(k.interval_secs.into()))
         .with_retries(k.count);
     if let Err(e) = sock.into().set_tcp_keepalive(&params) {
         tracing::debug!(error = %e, "TCP keepalive failed");
@@ -164,8 +164,8 @@ mod tests {
         let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = l.local_addr().unwrap();
         let k = Keepalive {
-            idle: Duration::from_secs(42),
-            interval: Duration::from_secs(7),
+            idle_secs: 42,
+            interval_secs: 7,
             count: 5,
         };
         let s = connect(addr, Duration::from_secs(5), Some(k))
@@ -189,8 +189,8 @@ mod tests {
         let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = l.local_addr().unwrap();
         let k = Keepalive {
-            idle: Duration::from_secs(42),
-            interval: Duration::from_secs(7),
+            idle_secs: 42,
+            interval_secs: 7,
             count: 5,
         };
         tune_inherited(&l, Some(k));

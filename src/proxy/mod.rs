@@ -15,6 +15,7 @@ pub mod lbcookie;
 pub(crate) mod proxy_protocol;
 pub(crate) mod queue;
 pub(crate) mod relay;
+pub(crate) mod splice;
 pub(crate) mod tcp;
 pub(crate) mod udp;
 

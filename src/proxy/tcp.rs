@@ -71,14 +71,17 @@ pub async fn serve(
     // From here on the connection holds what it uses, not the route: a
     // session that lasts for days pins no pool.
     let idle_timeout = route.settings.idle_timeout;
-    let keepalive = route.settings.keepalive;
+    let route_keepalive = route.settings.keepalive;
     let duration = route.shared.metrics.connection_duration.clone();
     drop((route, backend));
     let started = Instant::now();
-    let meter = BackendMeter(slot.guard().state());
+    let meter = BackendMeter {
+        state: slot.guard().state(),
+        keepalive: route_keepalive,
+    };
     let end = tokio::select! {
         biased;
-        r = relay::relay(&client, &upstream, idle_timeout, &meter, keepalive) => match r {
+        r = relay::relay(&client, &upstream, idle_timeout, &meter) => match r {
             Ok(End::Closed) => "closed",
             Ok(End::Idle) => "idle timeout",
             Err(e) => {
@@ -125,15 +128,23 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Counts relayed bytes on the backend's live state.
-struct BackendMeter<'a>(&'a BackendState);
+/// Counts relayed bytes on the backend's live state, and carries the
+/// keepalive the relay sets on the backend socket later.
+struct BackendMeter<'a> {
+    state: &'a BackendState,
+    keepalive: Option<crate::config::Keepalive>,
+}
 
 impl Meter for BackendMeter<'_> {
     fn client_to_backend(&self, bytes: u64) {
-        self.0.metrics.bytes_client_to_backend.inc_by(bytes);
+        self.state.metrics.bytes_client_to_backend.inc_by(bytes);
     }
     fn backend_to_client(&self, bytes: u64) {
-        self.0.metrics.bytes_backend_to_client.inc_by(bytes);
+        self.state.metrics.bytes_backend_to_client.inc_by(bytes);
+    }
+
+    fn backend_keepalive(&self) -> Option<crate::config::Keepalive> {
+        self.keepalive
     }
 }
 
@@ -174,14 +185,11 @@ mod tests {
             size_of_val(&conn)
         );
         let state = BackendState::default();
-        let meter = BackendMeter(&state);
-        let relay = relay::relay(
-            &server_side,
-            &server_side,
-            Duration::from_secs(1),
-            &meter,
-            None,
-        );
+        let meter = BackendMeter {
+            state: &state,
+            keepalive: None,
+        };
+        let relay = relay::relay(&server_side, &server_side, Duration::from_secs(1), &meter);
         assert!(
             size_of_val(&relay) <= 512,
             "relay: {} bytes",
