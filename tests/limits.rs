@@ -314,6 +314,22 @@ fn keepalive_timers(local: Option<SocketAddr>, peer: SocketAddr) -> Vec<Option<u
         .collect()
 }
 
+/// The `ss` line of the established socket from `local` to `peer`.
+fn ss_line(local: SocketAddr, peer: SocketAddr) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4 && cols[2] == local.to_string() && cols[3] == peer.to_string()
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// TCP keepalive reaches both sockets of a proxied connection: the client
 /// side from the listener (its accepted sockets inherit it), the backend
 /// side once the connection has lived a second; a reload that turns it
@@ -333,10 +349,17 @@ async fn keepalive_reaches_both_sides_of_a_proxied_connection() {
     let session = connect_named(proxy).await;
     let client = session.stream.local_addr().unwrap();
     assert_eq!(session.backend, "a");
-    // The client side: at once, from the listener (not the kernel's 2 h).
-    let client_side = keepalive_timers(Some(proxy), client);
+    // The client side: from the listener (not the kernel's 2 h). `ss`
+    // shows the retransmit timer instead while a segment is unacknowledged,
+    // so wait for the keepalive one.
+    let mut client_side = Vec::new();
+    wait_for("keepalive on the accepted socket", || {
+        client_side = keepalive_timers(Some(proxy), client);
+        client_side.iter().any(Option::is_some)
+    })
+    .await;
     assert_eq!(client_side.len(), 1, "{client_side:?}");
-    let left = client_side[0].expect("keepalive timer on the accepted socket");
+    let left = client_side[0].unwrap();
     assert!((30..=42).contains(&left), "{left} s left of 42");
     // The backend side: once the connection has lived a second. (The
     // only established socket to the backend is this connection's.)
@@ -360,6 +383,14 @@ async fn keepalive_reaches_both_sides_of_a_proxied_connection() {
     server.reload(config).await.unwrap();
     let session = connect_named(proxy).await;
     let client = session.stream.local_addr().unwrap();
-    assert_eq!(keepalive_timers(Some(proxy), client), vec![None]);
     assert_eq!(session.backend, "a");
+    // No timer at all once the greeting is acknowledged (then ss would
+    // show keepalive's if there were one).
+    let mut timers = Vec::new();
+    wait_for("the greeting acknowledged", || {
+        timers = keepalive_timers(Some(proxy), client);
+        timers == vec![None] && !ss_line(proxy, client).contains("timer:(on")
+    })
+    .await;
+    assert!(!ss_line(proxy, client).contains("keepalive"), "{timers:?}");
 }

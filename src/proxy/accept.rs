@@ -25,14 +25,10 @@ pub async fn accept_loop(
     let stopped = stop.tripped();
     tokio::pin!(stopped);
     let mut paused = false;
-    // The options accepted connections inherit, as last set on the socket.
-    let mut tuned = None;
+    // The options accepted connections inherit, as last set on the socket
+    // (first when it was bound, from the config this route is of).
+    let mut tuned = route.load().settings.keepalive;
     loop {
-        if tuned.is_none() {
-            let keepalive = route.load().settings.keepalive;
-            sockets::tune_inherited(&listener, keepalive);
-            tuned = Some(keepalive);
-        }
         // At max_connections, stop accepting: clients wait in the backlog.
         // (The route is not held across the accept: an old snapshot must
         // not outlive a reload while the listener is quiet.)
@@ -70,13 +66,13 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let current = route.load_full();
                 let settings = &current.settings;
-                if tuned != Some(settings.keepalive) {
+                if tuned != settings.keepalive {
                     // A reload changed them while this connection waited in
                     // the backlog with the old ones: it gets its own, and
                     // the listener the new ones for those after it.
                     sockets::tune_inherited(&stream, settings.keepalive);
                     sockets::tune_inherited(&listener, settings.keepalive);
-                    tuned = Some(settings.keepalive);
+                    tuned = settings.keepalive;
                 }
                 if let Some(allow) = &settings.allow
                     && !allowed(allow, peer.ip())

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// and on loopback 512 KiB moves a bulk stream at 0.85–0.95 × a direct
 /// connection where Linux's default 64 KiB (and the copy path) manage
 /// about 0.55. The kernel may grant less (a user over
-/// `pipe-user-pages-soft`); the pipe then keeps what it has.
+/// `pipe-user-pages-soft`); such a pipe just moves less per splice.
 pub const PIPE_BYTES: usize = 512 * 1024;
 
 /// Pipes kept per worker thread between uses.
@@ -31,8 +31,6 @@ thread_local! {
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    /// What the kernel granted.
-    capacity: usize,
 }
 
 impl Pipe {
@@ -47,14 +45,13 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 succeeded; each descriptor is ours alone, and the
-        // fcntls only size it.
+        // fcntl only sizes it (best effort: a smaller pipe moves less per
+        // splice, nothing else).
         unsafe {
             libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_BYTES as libc::c_int);
-            let capacity = libc::fcntl(fds[1], libc::F_GETPIPE_SZ).max(4096) as usize;
             Ok(Pipe {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
-                capacity,
             })
         }
     }
@@ -69,10 +66,10 @@ impl Pipe {
         });
     }
 
-    /// Move up to the pipe's capacity from socket `src` into the (empty)
-    /// pipe. `Ok(0)` is the end of `src`'s stream.
+    /// Move what fits from socket `src` into the (empty) pipe. `Ok(0)` is
+    /// the end of `src`'s stream.
     pub fn fill_from(&self, src: RawFd) -> io::Result<usize> {
-        splice(src, self.write.as_raw_fd(), self.capacity)
+        splice(src, self.write.as_raw_fd(), PIPE_BYTES)
     }
 
     /// Move up to `len` bytes from the pipe into socket `dst`.
