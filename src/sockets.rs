@@ -111,23 +111,47 @@ pub async fn connect(
     Ok(stream)
 }
 
-/// Options for an established connection, either side. Best effort: a
-/// failure costs latency or liveness detection, not correctness, so it is
-/// logged, not fatal.
+/// Options for a backend connection. Best effort: a failure costs latency
+/// or liveness detection, not correctness, so it is logged, not fatal.
 pub fn tune_stream(stream: &TcpStream, keepalive: Option<Keepalive>) {
+    tune(SockRef::from(stream), keepalive);
+}
+
+/// The same options on a listening socket, once: Linux copies TCP_NODELAY
+/// and the keepalive settings to every connection it accepts, so client
+/// connections need no option calls of their own (five per connection
+/// otherwise). Called again when a reload changes them, also on an
+/// accepted connection that was waiting with the old ones; keepalive is
+/// then turned off explicitly where it is no longer wanted.
+pub fn tune_inherited<'s>(sock: impl Into<SockRef<'s>>, keepalive: Option<Keepalive>) {
+    let sock = sock.into();
+    if keepalive.is_none()
+        && let Err(e) = sock.set_keepalive(false)
+    {
+        tracing::debug!(error = %e, "SO_KEEPALIVE off failed");
+    }
+    tune(sock, keepalive);
+}
+
+fn tune(sock: SockRef<'_>, keepalive: Option<Keepalive>) {
     // Relayed writes are already coalesced by the peer; Nagle would only add
     // a delay to small request/response exchanges (database protocols).
-    if let Err(e) = stream.set_nodelay(true) {
+    if let Err(e) = sock.set_tcp_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY failed");
     }
     if let Some(k) = keepalive {
-        let params = TcpKeepalive::new()
-            .with_time(k.idle)
-            .with_interval(k.interval)
-            .with_retries(k.count);
-        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&params) {
-            tracing::debug!(error = %e, "TCP keepalive failed");
-        }
+        set_keepalive(sock, k);
+    }
+}
+
+/// Turn keepalive on with these settings (four option calls).
+pub fn set_keepalive<'s>(sock: impl Into<SockRef<'s>>, k: Keepalive) {
+    let params = TcpKeepalive::new()
+        .with_time(Duration::from_secs(k.idle_secs.into()))
+        .with_interval(Duration::from_secs(k.interval_secs.into()))
+        .with_retries(k.count);
+    if let Err(e) = sock.into().set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "TCP keepalive failed");
     }
 }
 
@@ -140,8 +164,8 @@ mod tests {
         let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = l.local_addr().unwrap();
         let k = Keepalive {
-            idle: Duration::from_secs(42),
-            interval: Duration::from_secs(7),
+            idle_secs: 42,
+            interval_secs: 7,
             count: 5,
         };
         let s = connect(addr, Duration::from_secs(5), Some(k))
@@ -158,5 +182,34 @@ mod tests {
         assert!(s.nodelay().unwrap());
         let plain = connect(addr, Duration::from_secs(5), None).await.unwrap();
         assert!(!SockRef::from(&plain).keepalive().unwrap());
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_options() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        let k = Keepalive {
+            idle_secs: 42,
+            interval_secs: 7,
+            count: 5,
+        };
+        tune_inherited(&l, Some(k));
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let sock = SockRef::from(&s);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
+        // A reload that turns keepalive off reaches later connections.
+        tune_inherited(&l, None);
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(!SockRef::from(&s).keepalive().unwrap());
+        assert!(SockRef::from(&s).tcp_nodelay().unwrap());
     }
 }

@@ -286,3 +286,111 @@ async fn raising_the_listener_cap_by_reload_resumes_accepting_at_once() {
     .unwrap();
     assert_eq!(line, "db\n");
 }
+
+/// Keepalive timers, from `ss`, of the established TCP sockets to `peer`
+/// (and from `local`, if given): the seconds left, or `None` for a socket
+/// without one.
+fn keepalive_timers(local: Option<SocketAddr>, peer: SocketAddr) -> Vec<Option<u64>> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4
+                && local.is_none_or(|local| cols[2] == local.to_string())
+                && cols[3] == peer.to_string()
+        })
+        .map(|l| {
+            let start = l.find("timer:(keepalive,")? + "timer:(keepalive,".len();
+            let secs: String = l[start..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            secs.parse().ok()
+        })
+        .collect()
+}
+
+/// The `ss` line of the established socket from `local` to `peer`.
+fn ss_line(local: SocketAddr, peer: SocketAddr) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4 && cols[2] == local.to_string() && cols[3] == peer.to_string()
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// TCP keepalive reaches both sockets of a proxied connection: the client
+/// side from the listener (its accepted sockets inherit it), the backend
+/// side once the connection has lived a second; a reload that turns it
+/// off reaches the connections after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_reaches_both_sides_of_a_proxied_connection() {
+    let backend = NamedBackend::start("a").await;
+    let with = |on: &str| {
+        listener_toml(
+            "roundrobin",
+            &format!("{on}keepalive_idle = \"42s\"\nkeepalive_interval = \"7s\"\n{QUIET}"),
+            &[b("a", backend.addr)],
+        )
+    };
+    let mut server = start_server(&with("")).await;
+    let proxy = server.local_addr("l").unwrap();
+    let session = connect_named(proxy).await;
+    let client = session.stream.local_addr().unwrap();
+    assert_eq!(session.backend, "a");
+    // The client side: from the listener (not the kernel's 2 h). `ss`
+    // shows the retransmit timer instead while a segment is unacknowledged,
+    // so wait for the keepalive one.
+    let mut client_side = Vec::new();
+    wait_for("keepalive on the accepted socket", || {
+        client_side = keepalive_timers(Some(proxy), client);
+        client_side.iter().any(Option::is_some)
+    })
+    .await;
+    assert_eq!(client_side.len(), 1, "{client_side:?}");
+    let left = client_side[0].unwrap();
+    assert!((30..=42).contains(&left), "{left} s left of 42");
+    // The backend side: once the connection has lived a second. (The
+    // only established socket to the backend is this connection's.)
+    let mut backend_side = Vec::new();
+    wait_for("keepalive on the backend socket", || {
+        backend_side = keepalive_timers(None, backend.addr);
+        backend_side.iter().any(Option::is_some)
+    })
+    .await;
+    assert_eq!(backend_side.len(), 1, "{backend_side:?}");
+    let left = backend_side[0].unwrap();
+    assert!((30..=42).contains(&left), "{left} s left of 42");
+    drop(session);
+
+    // Off by reload: a later connection has no timer on the client side.
+    let config = switchyard::config::load_str(
+        &with("keepalive = false\n"),
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    server.reload(config).await.unwrap();
+    let session = connect_named(proxy).await;
+    let client = session.stream.local_addr().unwrap();
+    assert_eq!(session.backend, "a");
+    // No timer at all once the greeting is acknowledged (then ss would
+    // show keepalive's if there were one).
+    let mut timers = Vec::new();
+    wait_for("the greeting acknowledged", || {
+        timers = keepalive_timers(Some(proxy), client);
+        timers == vec![None] && !ss_line(proxy, client).contains("timer:(on")
+    })
+    .await;
+    assert!(!ss_line(proxy, client).contains("keepalive"), "{timers:?}");
+}

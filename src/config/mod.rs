@@ -239,13 +239,14 @@ pub struct Sticky {
     pub max_age: Option<Duration>,
 }
 
-/// TCP keepalive on client and backend sockets.
+/// TCP keepalive on client and backend sockets, in the kernel's units
+/// (whole seconds; 12 bytes, which every connection's task carries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
-    /// Idle time before the first probe.
-    pub idle: Duration,
-    /// Time between probes.
-    pub interval: Duration,
+    /// Idle seconds before the first probe.
+    pub idle_secs: u32,
+    /// Seconds between probes.
+    pub interval_secs: u32,
     /// Unanswered probes before the connection is dropped.
     pub count: u32,
 }

@@ -151,12 +151,11 @@ fn listener(
     positive(queue_timeout, &at.key("queue_timeout"))?;
     let proxy_protocol = l.proxy_protocol.unwrap_or_default();
     check_proxy_protocol(proxy_protocol, l.mode, &at.key("proxy_protocol"))?;
-    let wanted = Keepalive {
-        idle: l.keepalive_idle,
-        interval: l.keepalive_interval,
-        count: l.keepalive_count,
-    };
-    let keepalive = keepalive(l.keepalive, wanted, at)?;
+    let keepalive = keepalive(
+        l.keepalive,
+        (l.keepalive_idle, l.keepalive_interval, l.keepalive_count),
+        at,
+    )?;
     let backends = backends(l.backends, &l.name, l.mode, at)?;
     Ok(ListenerConfig {
         name: l.name.into(),
@@ -283,20 +282,39 @@ fn allow(list: &[String], at: &FieldPath) -> Result<Vec<ipnet::IpNet>, FieldErro
 
 /// A listener's `keepalive*` settings; `None` when keepalive is off (the
 /// other settings are then not checked).
-fn keepalive(on: bool, k: Keepalive, at: &FieldPath) -> Result<Option<Keepalive>, FieldError> {
+fn keepalive(
+    on: bool,
+    (idle, interval, count): (Duration, Duration, u32),
+    at: &FieldPath,
+) -> Result<Option<Keepalive>, FieldError> {
     if !on {
         return Ok(None);
     }
-    // The kernel takes whole seconds, and at most 127 probes.
-    at_least_a_second(k.idle, &at.key("keepalive_idle"))?;
-    at_least_a_second(k.interval, &at.key("keepalive_interval"))?;
-    if !(1..=127).contains(&k.count) {
+    // The kernel takes whole seconds, at most 32767 (MAX_TCP_KEEPIDLE,
+    // MAX_TCP_KEEPINTVL), and at most 127 probes.
+    let secs = |d: Duration, key: &'static str| -> Result<u32, FieldError> {
+        at_least_a_second(d, &at.key(key))?;
+        match d.as_secs() {
+            s @ 1..=32767 => Ok(s as u32),
+            _ => Err(err(
+                at.key(key),
+                "must be at most 32767s (the kernel's limit)".into(),
+            )),
+        }
+    };
+    let idle_secs = secs(idle, "keepalive_idle")?;
+    let interval_secs = secs(interval, "keepalive_interval")?;
+    if !(1..=127).contains(&count) {
         return Err(err(
             at.key("keepalive_count"),
-            format!("{} is out of range 1..=127", k.count),
+            format!("{count} is out of range 1..=127"),
         ));
     }
-    Ok(Some(k))
+    Ok(Some(Keepalive {
+        idle_secs,
+        interval_secs,
+        count,
+    }))
 }
 
 /// `[listener.health_check]`: probes that end before the next one starts,

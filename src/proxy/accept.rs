@@ -11,7 +11,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 use super::{ConnContext, Route, http, tcp};
 use crate::config::Mode;
 use crate::metrics::Reject;
-use crate::sockets::ACCEPT_ERROR_BACKOFF;
+use crate::sockets::{self, ACCEPT_ERROR_BACKOFF};
 use crate::sync::Tripwire;
 
 /// Accept connections until `stop` trips, each placed with the route
@@ -25,6 +25,9 @@ pub async fn accept_loop(
     let stopped = stop.tripped();
     tokio::pin!(stopped);
     let mut paused = false;
+    // The options accepted connections inherit, as last set on the socket
+    // (first when it was bound, from the config this route is of).
+    let mut tuned = route.load().settings.keepalive;
     loop {
         // At max_connections, stop accepting: clients wait in the backlog.
         // (The route is not held across the accept: an old snapshot must
@@ -63,6 +66,14 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let current = route.load_full();
                 let settings = &current.settings;
+                if tuned != settings.keepalive {
+                    // A reload changed them while this connection waited in
+                    // the backlog with the old ones: it gets its own, and
+                    // the listener the new ones for those after it.
+                    sockets::tune_inherited(&stream, settings.keepalive);
+                    sockets::tune_inherited(&listener, settings.keepalive);
+                    tuned = settings.keepalive;
+                }
                 if let Some(allow) = &settings.allow
                     && !allowed(allow, peer.ip())
                 {

@@ -15,6 +15,7 @@ pub mod lbcookie;
 pub(crate) mod proxy_protocol;
 pub(crate) mod queue;
 pub(crate) mod relay;
+pub(crate) mod splice;
 pub(crate) mod tcp;
 pub(crate) mod udp;
 
@@ -165,7 +166,11 @@ impl Bound {
         match config.mode {
             Mode::Udp => crate::sockets::bind_udp(config.bind, config.freebind).map(Bound::Udp),
             Mode::Tcp | Mode::Http => {
-                crate::sockets::bind_listener(config.bind, config.freebind).map(Bound::Tcp)
+                let l = crate::sockets::bind_listener(config.bind, config.freebind)?;
+                // Before the first connection can complete its handshake:
+                // accepted sockets inherit these (see `accept_loop`).
+                crate::sockets::tune_inherited(&l, config.keepalive);
+                Ok(Bound::Tcp(l))
             }
         }
     }

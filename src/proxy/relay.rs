@@ -28,6 +28,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::splice::Pipe;
+use crate::config::Keepalive;
+use std::os::fd::AsRawFd;
+
 /// Read size while data flows. 64 KiB matches the kernel's default maximum
 /// autotuned receive window chunk on loopback and halves syscalls compared
 /// with 16 KiB in bulk benchmarks.
@@ -78,13 +82,28 @@ pub enum End {
 }
 
 /// Bytes moved by a relay, reported as they go.
+/// (Also what the relay is to set on the backend socket later: the meter
+/// already lives beside the relay, so this costs the relay's state no
+/// bytes.)
 pub trait Meter: Sync {
     fn client_to_backend(&self, bytes: u64);
     fn backend_to_client(&self, bytes: u64);
+    /// Keepalive to turn on on the backend socket once the connection has
+    /// lived [`KEEPALIVE_AFTER`].
+    fn backend_keepalive(&self) -> Option<Keepalive> {
+        None
+    }
 }
 
+/// A connection that ends sooner than this never needs a keepalive probe,
+/// so its backend socket's keepalive is set only once it has lived this
+/// long: four option calls saved on every short connection, and the first
+/// probe of a long one comes at most this much later than configured.
+pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
+
 /// Relay until both directions have ended, one fails, or the connection has
-/// been idle for `idle`.
+/// been idle for `idle`. The meter's backend keepalive, if any, is turned
+/// on on `backend` once the connection has lived [`KEEPALIVE_AFTER`].
 ///
 /// Written as one hand-rolled poll loop rather than two `async` copy loops
 /// joined: it waits through the sockets' own reader/writer waker slots
@@ -101,15 +120,21 @@ pub async fn relay(
     let mut b2c = Half::default();
     let mut last_activity = Instant::now();
     // One timer for the connection, re-armed from the last activity when it
-    // fires, never reset per read.
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
+    // fires, never reset per read; first due when keepalive is.
+    let mut keepalive_due = meter.backend_keepalive().is_some();
+    let first = if keepalive_due {
+        idle.min(KEEPALIVE_AFTER)
+    } else {
+        idle
+    };
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep(first));
     std::future::poll_fn(|cx| {
         let mut moved = false;
-        let up = c2b.poll(cx, client, backend, |n| {
+        let up = c2b.poll(cx, client, backend, b2c.done, |n| {
             meter.client_to_backend(n);
             moved = true;
         })?;
-        let down = b2c.poll(cx, backend, client, |n| {
+        let down = b2c.poll(cx, backend, client, c2b.done, |n| {
             meter.backend_to_client(n);
             moved = true;
         })?;
@@ -120,6 +145,11 @@ pub async fn relay(
             last_activity = Instant::now();
         }
         while idle_timer.as_mut().poll(cx).is_ready() {
+            if std::mem::take(&mut keepalive_due)
+                && let Some(k) = meter.backend_keepalive()
+            {
+                crate::sockets::set_keepalive(backend, k);
+            }
             let deadline = last_activity + idle;
             if deadline <= Instant::now() {
                 return Poll::Ready(Ok(End::Idle));
@@ -132,26 +162,40 @@ pub async fn relay(
 }
 
 /// One direction of a relay: bytes read from `src` and not yet written to
-/// `dst` sit in a pooled buffer, held only while there are some.
+/// `dst` sit in a pooled buffer, held only while there are some. Once a
+/// read fills a whole buffer the direction is bulk, and its bytes go
+/// through a pooled pipe with `splice` instead, never copied through user
+/// space ([`super::splice`]); small request/response traffic stays on the
+/// copy path, whose short reads save a call each.
 #[derive(Default)]
 struct Half {
     buf: Option<PooledBuf>,
-    /// Bytes of `buf` written so far / read so far.
-    pos: usize,
-    len: usize,
-    /// The last read emptied the socket: give the buffer back after writing.
+    /// Bytes of `buf` written so far / read so far (at most 64 KiB: u32
+    /// keeps an idle connection's task small).
+    pos: u32,
+    len: u32,
+    /// The last read emptied the socket: give the buffer (pipe) back after
+    /// writing.
     drained: bool,
     /// `src` sent FIN and it was passed on.
     done: bool,
+    /// Bulk: bytes move by `splice` through `pipe`.
+    bulk: bool,
+    pipe: Option<Pipe>,
+    /// Bytes in `pipe` not yet written to `dst`.
+    in_pipe: u32,
 }
 
 impl Half {
     /// Move bytes until `src` would block (Pending) or has ended (Ready).
+    /// `other_done`: the other direction has ended already, so the relay
+    /// ends with this one and closing the sockets says the rest.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
+        other_done: bool,
         mut count: impl FnMut(u64),
     ) -> Poll<io::Result<()>> {
         loop {
@@ -159,9 +203,9 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             if let Some(buf) = self.buf.as_ref().filter(|_| self.pos < self.len) {
-                match dst.try_write(&buf.0[self.pos..self.len]) {
+                match dst.try_write(&buf.0[self.pos as usize..self.len as usize]) {
                     Ok(n) => {
-                        self.pos += n;
+                        self.pos += n as u32;
                         if self.pos == self.len {
                             count(self.len as u64);
                             (self.pos, self.len) = (0, 0);
@@ -178,29 +222,100 @@ impl Half {
                 }
                 continue;
             }
+            if self.in_pipe > 0 {
+                let pipe = self.pipe.as_ref().expect("bytes in a pipe");
+                let len = self.in_pipe as usize;
+                match dst.try_io(Interest::WRITABLE, || pipe.drain_into(dst.as_raw_fd(), len)) {
+                    Ok(n) => {
+                        self.in_pipe -= n as u32;
+                        count(n as u64);
+                        if self.in_pipe == 0 && self.drained {
+                            self.pipe.take().expect("the pipe just drained").give_back();
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(dst.poll_write_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
             ready!(src.poll_read_ready(cx))?;
+            if self.bulk {
+                match self.splice_in(src) {
+                    Ok(0) => return self.end(dst, other_done),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // This pair of sockets cannot splice: copy.
+                        self.bulk = false;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
             let buf = self.buf.get_or_insert_with(PooledBuf::take);
             match read_chunk(src, &mut buf.0) {
-                Ok((0, _)) => {
-                    self.buf = None;
-                    self.done = true;
-                    // FIN from src: pass it on, keep the other direction.
-                    match SockRef::from(dst).shutdown(Shutdown::Write) {
-                        Ok(()) => {}
-                        // The peer already closed: nothing left to tell it.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                        Err(e) => return Poll::Ready(Err(e)),
-                    }
-                }
+                Ok((0, _)) => return self.end(dst, other_done),
                 Ok((n, chunk)) => {
-                    (self.pos, self.len) = (0, n);
+                    (self.pos, self.len) = (0, n as u32);
                     self.drained = chunk == Chunk::Drained;
+                    // A full buffer: bulk from the next read on.
+                    self.bulk = chunk == Chunk::Full;
                 }
                 // Readiness was stale and is now cleared: the next
                 // poll_read_ready registers for the next data.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = None,
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+
+    /// Splice what `src` has into an (empty) pipe: the bytes moved, 0 at
+    /// the end of the stream. Unlike a short read, a short splice does not
+    /// prove the socket empty (the pipe may have been the limit), so the
+    /// readiness is left to the next splice's EAGAIN; a pipe left empty
+    /// goes back to the pool.
+    fn splice_in(&mut self, src: &TcpStream) -> io::Result<usize> {
+        let pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => Pipe::take()?,
+        };
+        match src.try_io(Interest::READABLE, || pipe.fill_from(src.as_raw_fd())) {
+            Ok(0) => {
+                pipe.give_back();
+                Ok(0)
+            }
+            Ok(n) => {
+                (self.in_pipe, self.drained) = (n as u32, false);
+                self.pipe = Some(pipe);
+                Ok(n)
+            }
+            Err(e) => {
+                // WouldBlock: idle from here, no pipe held.
+                pipe.give_back();
+                Err(e)
+            }
+        }
+    }
+
+    /// `src` ended (FIN): pass it on to `dst`, unless the other direction
+    /// has ended too.
+    fn end(&mut self, dst: &TcpStream, other_done: bool) -> Poll<io::Result<()>> {
+        self.buf = None;
+        self.done = true;
+        if other_done {
+            // Both directions are over: the caller closes both sockets,
+            // and closing `dst` sends its FIN (its receive side is
+            // drained: it sent FIN first), so a `shutdown` here would be
+            // one call for nothing.
+            return Poll::Ready(Ok(()));
+        }
+        match SockRef::from(dst).shutdown(Shutdown::Write) {
+            Ok(()) => Poll::Ready(Ok(())),
+            // The peer already closed: nothing left to tell it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }

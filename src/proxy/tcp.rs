@@ -30,7 +30,7 @@ pub async fn serve(
     abort: Tripwire,
     _open: Open,
 ) {
-    sockets::tune_stream(&client, route.settings.keepalive);
+    // TCP_NODELAY and keepalive came with the socket from the listener.
     // Waiting in the queue or connecting must not outlast the shutdown
     // grace either.
     // Boxed: the connect phase (queue wait, timers, retries) is over before
@@ -71,10 +71,14 @@ pub async fn serve(
     // From here on the connection holds what it uses, not the route: a
     // session that lasts for days pins no pool.
     let idle_timeout = route.settings.idle_timeout;
+    let route_keepalive = route.settings.keepalive;
     let duration = route.shared.metrics.connection_duration.clone();
     drop((route, backend));
     let started = Instant::now();
-    let meter = BackendMeter(slot.guard().state());
+    let meter = BackendMeter {
+        state: slot.guard().state(),
+        keepalive: route_keepalive,
+    };
     let end = tokio::select! {
         biased;
         r = relay::relay(&client, &upstream, idle_timeout, &meter) => match r {
@@ -97,9 +101,10 @@ async fn connect_backend(
     route: &Route,
     peer: SocketAddr,
 ) -> Result<Reached<TcpStream>, connect::Unserved> {
-    let (timeout, keepalive) = (route.settings.connect_timeout, route.settings.keepalive);
+    let timeout = route.settings.connect_timeout;
     connect::reach(route, peer.ip(), None, (), |backend, ()| async move {
-        match sockets::connect(backend.addr, timeout, keepalive).await {
+        // Keepalive comes later, if the connection lives (the relay sets it).
+        match sockets::connect(backend.addr, timeout, None).await {
             Ok(stream) => {
                 backend.state.record_established();
                 Ok(stream)
@@ -123,15 +128,23 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Counts relayed bytes on the backend's live state.
-struct BackendMeter<'a>(&'a BackendState);
+/// Counts relayed bytes on the backend's live state, and carries the
+/// keepalive the relay sets on the backend socket later.
+struct BackendMeter<'a> {
+    state: &'a BackendState,
+    keepalive: Option<crate::config::Keepalive>,
+}
 
 impl Meter for BackendMeter<'_> {
     fn client_to_backend(&self, bytes: u64) {
-        self.0.metrics.bytes_client_to_backend.inc_by(bytes);
+        self.state.metrics.bytes_client_to_backend.inc_by(bytes);
     }
     fn backend_to_client(&self, bytes: u64) {
-        self.0.metrics.bytes_backend_to_client.inc_by(bytes);
+        self.state.metrics.bytes_backend_to_client.inc_by(bytes);
+    }
+
+    fn backend_keepalive(&self) -> Option<crate::config::Keepalive> {
+        self.keepalive
     }
 }
 
@@ -172,7 +185,10 @@ mod tests {
             size_of_val(&conn)
         );
         let state = BackendState::default();
-        let meter = BackendMeter(&state);
+        let meter = BackendMeter {
+            state: &state,
+            keepalive: None,
+        };
         let relay = relay::relay(&server_side, &server_side, Duration::from_secs(1), &meter);
         assert!(
             size_of_val(&relay) <= 512,

@@ -75,8 +75,8 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let (header_timeout, duration) = {
+        // TCP_NODELAY and keepalive came with the socket from the listener.
         let r = route.load();
-        sockets::tune_stream(&client, r.settings.keepalive);
         (
             r.settings.header_timeout,
             r.shared.metrics.connection_duration.clone(),
