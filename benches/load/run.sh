@@ -746,22 +746,26 @@ run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KE
     log "  $key $t: $rps req/s, p99 $p99${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
-run_iperf() { # run_iperf KEY TARGET PORT [iperf3 args...] : KEY (Gbit/s) and KEY-busy
+run_iperf() { # run_iperf KEY TARGET PORT [iperf3 args...] : KEY (Gbit/s), KEY-cpu (proxy CPU ms per GB) and KEY-busy
     local key=$1 t=$2 port=$3; shift 3
     local out=$TMP/$key-$t-r$ROUND.json
     cpu_start "$t"
     "${PIN_LOAD[@]}" iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_DURATION" --connect-timeout 5000 -J "$@" >"$out" 2>&1 || true
     cpu_stop
-    local g
-    g=$(python3 -c '
+    local g bytes
+    read -r g bytes < <(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
 if "error" in d: sys.exit(d["error"])
-print("%.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$out" 2>>"$TMP/$key-$t.err") || {
+r = d["end"]["sum_received"]
+print("%.2f %d" % (r["bits_per_second"] / 1e9, r["bytes"]))' "$out" 2>>"$TMP/$key-$t.err") || true
+    if [ -z "${bytes:-}" ]; then
         log "iperf3 against $t failed:"; sed 's/^/    /' "$TMP/$key-$t.err" >&2
-        add "$key" "$t" err; add "$key-busy" "$t" err; return; }
+        add "$key" "$t" err; add "$key-cpu" "$t" err; add "$key-busy" "$t" err; return
+    fi
     add "$key" "$t" "$g"
-    add_busy "$key" "$t"
+    # per GB received (1e9 bytes); the proxy moved each byte in and out once
+    add_cpu "$key" "$t" "$(awk -v b="$bytes" 'BEGIN { printf "%.6f", b / 1e9 * 1000 }')"
     log "  $key $t: $g Gbit/s${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
@@ -1023,7 +1027,7 @@ if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
          "HAProxy \`mode tcp\`, \`nbthread 1\`, maxconn $HAP_MAXCONN; nginx stream 1 worker, \`proxy_timeout 1h\`, no access log,"\
          "worker_connections $NGX_CONNS; switchyard one listener, roundrobin, one backend. Proxy CPU = utime+stime of the proxy's"\
          "processes (nginx: master and worker; switchyard: all threads) from the start to the end of the measured run, per request"\
-         "(rows 1, 5), per new connection (row 2) or per GET (row 7); busy = that CPU time / the same seconds; waiting = their"\
+         "(rows 1, 5), per new connection (row 2), per GET (row 7) or, in ms, per GB received by iperf3 (rows 3a, 3b); busy = that CPU time / the same seconds; waiting = their"\
          "run-queue time (/proc/PID/task/*/schedstat) / the same seconds: other work on the proxy CPU (0 is clean)."\
          "Median of $ROUNDS rounds, targets in rotating order; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
@@ -1091,9 +1095,11 @@ row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
 row 2 "Connection: close proxy CPU busy / waiting for its CPU, %" close-busy 0 bw
 row 3a "iperf3 1 stream, Gbit/s (higher is better)" iperf1 2
 row 3a "iperf3 1 stream, fraction of direct" iperf1 2 frac
+row 3a "iperf3 1 stream, proxy CPU ms per GB (lower is better)" iperf1-cpu 0
 row 3a "iperf3 1 stream, proxy CPU busy / waiting for its CPU, %" iperf1-busy 0 bw
 row 3b "iperf3 -P $IPERF_STREAMS, Gbit/s (higher is better)" iperfn 2
 row 3b "iperf3 -P $IPERF_STREAMS, fraction of direct" iperfn 2 frac
+row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU ms per GB (lower is better)" iperfn-cpu 0
 row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU busy / waiting for its CPU, %" iperfn-busy 0 bw
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
 row 5 "HTTP mode keep-alive req/s (cookie insert) (higher is better)" hck-rps 0
@@ -1135,7 +1141,7 @@ fi
 if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 4 || want 5 || want 7; }; then
     echo
     echo "Per-round values (direct / HAProxy / nginx stream / switchyard):"
-    for k in ka-rps ka-cpu ka-p99 ka-busy close-rps close-cpu close-p99 close-busy iperf1 iperf1-busy iperfn iperfn-busy idle \
+    for k in ka-rps ka-cpu ka-p99 ka-busy close-rps close-cpu close-p99 close-busy iperf1 iperf1-cpu iperf1-busy iperfn iperfn-cpu iperfn-busy idle \
              hck-rps hck-cpu hck-p99 hck-busy hst-rps hst-cpu hst-p99 hst-busy redis-rps redis-cpu redis-p99 redis-busy; do
         [ -n "${R[$k,haproxy]:-}${R[$k,switchyard]:-}" ] || continue
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
