@@ -244,17 +244,22 @@ async fn removed_backend_series_disappear_after_its_last_connection() {
     drop(first);
     let start = tokio::time::Instant::now();
     loop {
+        // The families go one after another (a scrape can fall between
+        // two): wait until every one of them has gone.
         let s = scrape(admin).await;
-        if sample_value(&s, "switchyard_connections_total", &lb).is_none() {
-            assert!(sample_value(&s, "switchyard_backend_up", &lb).is_none());
-            assert!(
-                sample_value(
-                    &s,
-                    "switchyard_bytes_total",
-                    &[lb[0], lb[1], ("direction", "client_to_backend")]
-                )
-                .is_none()
-            );
+        let gone = |name: &str, labels: &[(&str, &str)]| sample_value(&s, name, labels).is_none();
+        if gone("switchyard_connections_total", &lb)
+            && gone("switchyard_backend_up", &lb)
+            && gone("switchyard_active_connections", &lb)
+            && gone(
+                "switchyard_bytes_total",
+                &[lb[0], lb[1], ("direction", "client_to_backend")],
+            )
+            && gone(
+                "switchyard_bytes_total",
+                &[lb[0], lb[1], ("direction", "backend_to_client")],
+            )
+        {
             assert_eq!(
                 must(
                     &s,
