@@ -1,6 +1,8 @@
 //! Cost of one scheduling decision (the first candidate for a new connection)
 //! for each algorithm at 3, 100 and 1000 backends, and of rebuilding a pool
-//! (what a reload or a health flip pays).
+//! (what a reload or a health flip pays), and of one connection's open and
+//! close on a backend (what keeping least-connection's load tree current adds
+//! to every connection).
 //!
 //! `cargo bench --bench schedulers`
 
@@ -78,5 +80,22 @@ fn build(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pick, build);
+fn open_close(c: &mut Criterion) {
+    let mut group = c.benchmark_group("open_close");
+    for alg in ALGORITHMS {
+        for n in [3, 1000] {
+            let pool = Pool::new(alg, backends(n));
+            let mut k = 0;
+            group.bench_with_input(BenchmarkId::new(alg.as_str(), n), &pool, |b, pool| {
+                b.iter(|| {
+                    k = (k + 1) % n;
+                    drop(black_box(pool.backends[k].state.enter()))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick, build, open_close);
 criterion_main!(benches);

@@ -18,8 +18,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
+use crate::balancer::load_tree::LoadSlot;
 use crate::config::BackendConfig;
 use crate::health::report::HealthReport;
 use crate::metrics::BackendMetrics;
@@ -134,6 +135,9 @@ pub struct BackendState {
     /// Connections (HTTP: requests) holding a slot, checked against
     /// `max_connections`.
     in_use: AtomicUsize,
+    /// Where a least-connection pool that holds this backend keeps its
+    /// load; told on every open and close. Empty for other schedulers.
+    load: ArcSwapOption<LoadSlot>,
 }
 
 impl Default for BackendState {
@@ -152,6 +156,7 @@ impl BackendState {
             cut: ArcSwap::from_pointee(Tripwire::new()),
             metrics,
             in_use: AtomicUsize::new(0),
+            load: ArcSwapOption::empty(),
         }
     }
 
@@ -212,7 +217,20 @@ impl BackendState {
     /// established); the guard un-counts it when dropped.
     pub fn enter(self: &Arc<Self>) -> ActiveGuard {
         self.metrics.active.inc();
+        self.report_load();
         ActiveGuard(self.clone())
+    }
+
+    /// Report this backend's load to `slot` from now on (a new pool's
+    /// scheduler does, as it is built), or to nothing.
+    pub(crate) fn report_load_to(&self, slot: Option<LoadSlot>) {
+        self.load.store(slot.map(Arc::new));
+    }
+
+    fn report_load(&self) {
+        if let Some(slot) = &*self.load.load() {
+            slot.set(self.active());
+        }
     }
 
     /// Count a connection whose backend connect succeeded.
@@ -259,6 +277,7 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.metrics.active.dec();
+        self.0.report_load();
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod hash;
 mod leastconn;
+pub(crate) mod load_tree;
 mod roundrobin;
 mod source;
 
@@ -92,6 +93,9 @@ impl Pool {
         let mut eligible = usable(false);
         if eligible.is_empty() {
             eligible = usable(true);
+        }
+        for b in &backends {
+            b.state.report_load_to(None);
         }
         let scheduler: Box<dyn Scheduler> = if eligible.is_empty() {
             Box::new(NoBackend)
