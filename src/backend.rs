@@ -127,6 +127,9 @@ pub struct BackendState {
     up: AtomicBool,
     /// [`AdminState`] as a number; survives reloads, not restarts.
     admin: AtomicU8,
+    /// The server's stop wire: every cut wire is its child, so one wait
+    /// covers both.
+    stop: Tripwire,
     /// Tripped (and replaced) when open connections must be cut because
     /// the backend was marked down with `on_marked_down = "shutdown"`.
     cut: ArcSwap<Tripwire>,
@@ -143,17 +146,20 @@ pub struct BackendState {
 impl Default for BackendState {
     /// State whose metrics are registered nowhere (tests, benchmarks).
     fn default() -> Self {
-        BackendState::new(Arc::new(BackendMetrics::detached()))
+        BackendState::new(Arc::new(BackendMetrics::detached()), &Tripwire::new())
     }
 }
 
 impl BackendState {
-    pub fn new(metrics: Arc<BackendMetrics>) -> BackendState {
+    /// Live state whose connections are also cut when `stop` trips (the
+    /// server's end of shutdown grace).
+    pub fn new(metrics: Arc<BackendMetrics>, stop: &Tripwire) -> BackendState {
         metrics.up.set(1);
         BackendState {
             up: AtomicBool::new(true),
             admin: AtomicU8::new(AdminState::Ready as u8),
-            cut: ArcSwap::from_pointee(Tripwire::new()),
+            cut: ArcSwap::from_pointee(stop.child()),
+            stop: stop.clone(),
             metrics,
             in_use: AtomicUsize::new(0),
             load: ArcSwapOption::empty(),
@@ -210,7 +216,7 @@ impl BackendState {
     /// Close every connection that holds a [`cut_signal`](Self::cut_signal)
     /// taken before now; later connections are unaffected.
     pub fn cut_connections(&self) {
-        self.cut.swap(Arc::new(Tripwire::new())).trip();
+        self.cut.swap(Arc::new(self.stop.child())).trip();
     }
 
     /// Count a connection assigned to this backend (connecting or

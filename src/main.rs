@@ -7,6 +7,25 @@ use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config;
 use switchyard::daemon::{self, RunOptions};
 
+/// jemalloc rather than glibc's allocator: each connection's task and its
+/// two socket registrations are cache-line-aligned allocations (tokio's
+/// layout), which glibc pads and leaves fragments around, and jemalloc's
+/// size classes hold exactly. Measured with `benches/load/idle.py`: 2.01
+/// KiB per idle proxied connection with glibc, 1.22 KiB with jemalloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`: memory freed by connections
+/// that closed goes back to the system within about a second, by a
+/// background thread rather than on the data path, and for good
+/// (`MADV_DONTNEED`, not the lazy `MADV_FREE`, which still counts in RSS).
+/// `_RJEM_MALLOC_CONF` in the environment overrides them.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&'static std::ffi::c_char> = Some(unsafe {
+    &*c"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0"
+        .as_ptr()
+});
+
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about = "Layer-4 load balancer")]
 struct Cli {

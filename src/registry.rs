@@ -11,6 +11,7 @@ use hashbrown::HashMap;
 
 use crate::backend::BackendState;
 use crate::metrics::Metrics;
+use crate::sync::Tripwire;
 
 /// (listener name, backend name): how live state is found across reloads.
 pub type BackendKey = (Arc<str>, Arc<str>);
@@ -19,6 +20,8 @@ pub type BackendKey = (Arc<str>, Arc<str>);
 #[derive(Debug)]
 pub struct Registry {
     metrics: Arc<Metrics>,
+    /// The server's stop wire, parent of every backend's cut wire.
+    stop: Tripwire,
     inner: Mutex<Inner>,
 }
 
@@ -32,9 +35,11 @@ struct Inner {
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Registry {
+    /// States whose connections are cut when `stop` trips, too.
+    pub fn new(metrics: Arc<Metrics>, stop: Tripwire) -> Registry {
         Registry {
             metrics,
+            stop,
             inner: Mutex::default(),
         }
     }
@@ -51,7 +56,10 @@ impl Registry {
             .remove(&key)
             .and_then(|w| w.upgrade())
             .unwrap_or_else(|| {
-                Arc::new(BackendState::new(self.metrics.backend(listener, backend)))
+                Arc::new(BackendState::new(
+                    self.metrics.backend(listener, backend),
+                    &self.stop,
+                ))
             });
         inner.states.insert(key, state.clone());
         state
@@ -75,7 +83,7 @@ mod tests {
 
     #[test]
     fn hands_out_the_same_state_for_the_same_key() {
-        let r = Registry::new(Metrics::new());
+        let r = Registry::new(Metrics::new(), Tripwire::new());
         let (l, b): (Arc<str>, Arc<str>) = ("pg".into(), "pg1".into());
         let a = r.state(&l, &b);
         let again = r.state(&l, &b);

@@ -101,6 +101,7 @@ impl Server {
     /// its config.
     pub fn new() -> Server {
         let metrics = Metrics::new();
+        let ctx = ConnContext::default();
         Server {
             config: Config {
                 source: Default::default(),
@@ -110,11 +111,11 @@ impl Server {
                 listeners: Vec::new(),
             },
             directory: Arc::default(),
-            registry: Arc::new(Registry::new(metrics.clone())),
+            registry: Arc::new(Registry::new(metrics.clone(), ctx.abort.clone())),
             discovery: Discovery::default(),
             metrics,
             listeners: HashMap::new(),
-            ctx: ConnContext::default(),
+            ctx,
         }
     }
 

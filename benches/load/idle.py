@@ -8,7 +8,7 @@
   idle.py measure --port P --backend-port B --pid PID [-n 5000] [--timeout 60]
       Read VmRSS of PID, open N idle connections to 127.0.0.1:P, wait until N
       new established connections towards the backend port exist (i.e. the
-      proxy really connected each one through), wait for the RSS to settle,
+      proxy really connected each one through), wait for the RSS to settle (unchanged for 2 s),
       read VmRSS again and print one JSON line.
 """
 import argparse
@@ -97,14 +97,15 @@ def measure(a):
             sys.exit(f"idle.py: only {through}/{a.n} connections reached the backend "
                      f"within {a.timeout}s")
         time.sleep(0.05)
-    # Let the RSS settle (two equal readings 200 ms apart, bounded by the deadline).
+    # Let the RSS settle: unchanged for 2 s (an allocator that hands freed
+    # memory back in the background gets to do so), bounded by the deadline.
     after = vmrss_kib(a.pid)
-    while time.monotonic() < deadline:
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - stable_since < 2.0:
         time.sleep(0.2)
         again = vmrss_kib(a.pid)
-        if again == after:
-            break
-        after = again
+        if again != after:
+            after, stable_since = again, time.monotonic()
     # Every client socket must still be open (not reset/closed by the proxy).
     alive = 0
     for s in socks:

@@ -20,7 +20,6 @@ use super::Route;
 use super::queue::{Busy, Picker, Slot};
 use crate::backend::Backend;
 use crate::balancer::Candidates;
-use crate::config::OnMarkedDown;
 use crate::metrics::Reject;
 use crate::sync::Tripwire;
 
@@ -31,10 +30,12 @@ pub struct Reached<S> {
     pub backend: Arc<Backend>,
     /// Active count and cap; held until the connection (request) ends.
     pub slot: Slot,
-    /// Tripped if the backend is marked down (`on_marked_down =
-    /// "shutdown"`). Taken before connecting: a mark-down during a slow
-    /// connect still cuts this connection.
-    pub cut: Option<Tripwire>,
+    /// Tripped when the connection must be cut: its backend is marked
+    /// down with `on_marked_down = "shutdown"`, or the server's shutdown
+    /// grace is over (a child of the server's stop wire). Taken before
+    /// connecting: a mark-down during a slow connect still cuts this
+    /// connection.
+    pub cut: Tripwire,
     /// What the successful attempt produced (a stream, a response).
     pub conn: S,
 }
@@ -96,10 +97,7 @@ where
             Err(Busy::NoCandidate) if failed => return Err(Unserved::Unanswered),
             Err(Busy::NoCandidate) => return Err(Unserved::NoBackend),
         };
-        let cut = match settings.on_marked_down {
-            OnMarkedDown::Shutdown => Some(backend.state.cut_signal()),
-            OnMarkedDown::Keep => None,
-        };
+        let cut = backend.state.cut_signal();
         match attempt(backend.clone(), payload).await {
             Ok(conn) => {
                 return Ok(Reached {

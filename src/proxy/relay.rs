@@ -20,13 +20,16 @@
 use std::cell::RefCell;
 use std::io::{self, Read};
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::splice::Pipe;
 use crate::config::Keepalive;
@@ -101,40 +104,66 @@ pub trait Meter: Sync {
 /// probe of a long one comes at most this much later than configured.
 pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 
-/// Relay until both directions have ended, one fails, or the connection has
-/// been idle for `idle`. The meter's backend keepalive, if any, is turned
-/// on on `backend` once the connection has lived [`KEEPALIVE_AFTER`].
-///
-/// Written as one hand-rolled poll loop rather than two `async` copy loops
-/// joined: it waits through the sockets' own reader/writer waker slots
-/// (`poll_read_ready` / `poll_write_ready`), so the whole relay state is a
-/// few dozen bytes plus one timer, instead of a waiter node per pending
-/// future. That is most of what an idle connection costs.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
-    idle: Duration,
-    meter: &impl Meter,
-) -> io::Result<End> {
-    let mut c2b = Half::default();
-    let mut b2c = Half::default();
-    let mut last_activity = Instant::now();
-    // One timer for the connection, re-armed from the last activity when it
-    // fires, never reset per read; first due when keepalive is.
-    let mut keepalive_due = meter.backend_keepalive().is_some();
-    let first = if keepalive_due {
-        idle.min(KEEPALIVE_AFTER)
-    } else {
-        idle
-    };
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep(first));
-    std::future::poll_fn(|cx| {
+pin_project! {
+    /// One connection's relay: both directions and the idle timer. Polled
+    /// until both directions have ended, one fails, or the connection has
+    /// been idle for `idle`; the meter's backend keepalive, if any, is
+    /// turned on on the backend socket once the connection has lived
+    /// [`KEEPALIVE_AFTER`].
+    ///
+    /// A plain struct polled by hand rather than two `async` copy loops
+    /// joined: it waits through the sockets' own reader/writer waker slots
+    /// (`poll_read_ready` / `poll_write_ready`), so the whole relay state is
+    /// its two [`Half`]s plus one timer, with no waiter node per pending
+    /// future. That is most of what an idle connection costs. Its state is
+    /// all in the open: the bytes in flight are in the halves' buffers and
+    /// pipes.
+    pub struct Relay {
+        c2b: Half,
+        b2c: Half,
+        idle: Duration,
+        last_activity: Instant,
+        keepalive_due: bool,
+        // One timer for the connection, re-armed from the last activity
+        // when it fires, never reset per read; first due when keepalive is.
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl Relay {
+    /// A relay that ends after `idle` without a byte moved; `keepalive`:
+    /// the meter has a backend keepalive to set after [`KEEPALIVE_AFTER`].
+    pub fn new(idle: Duration, keepalive: bool) -> Relay {
+        let first = if keepalive {
+            idle.min(KEEPALIVE_AFTER)
+        } else {
+            idle
+        };
+        Relay {
+            c2b: Half::default(),
+            b2c: Half::default(),
+            idle,
+            last_activity: Instant::now(),
+            keepalive_due: keepalive,
+            timer: tokio::time::sleep(first),
+        }
+    }
+
+    pub fn poll_relay(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        backend: &TcpStream,
+        meter: &impl Meter,
+    ) -> Poll<io::Result<End>> {
+        let mut this = self.project();
         let mut moved = false;
-        let up = c2b.poll(cx, client, backend, b2c.done, |n| {
+        let up = this.c2b.poll(cx, client, backend, this.b2c.done, |n| {
             meter.client_to_backend(n);
             moved = true;
         })?;
-        let down = b2c.poll(cx, backend, client, c2b.done, |n| {
+        let down = this.b2c.poll(cx, backend, client, this.c2b.done, |n| {
             meter.backend_to_client(n);
             moved = true;
         })?;
@@ -142,23 +171,22 @@ pub async fn relay(
             return Poll::Ready(Ok(End::Closed));
         }
         if moved {
-            last_activity = Instant::now();
+            *this.last_activity = Instant::now();
         }
-        while idle_timer.as_mut().poll(cx).is_ready() {
-            if std::mem::take(&mut keepalive_due)
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if std::mem::take(this.keepalive_due)
                 && let Some(k) = meter.backend_keepalive()
             {
                 crate::sockets::set_keepalive(backend, k);
             }
-            let deadline = last_activity + idle;
+            let deadline = *this.last_activity + *this.idle;
             if deadline <= Instant::now() {
                 return Poll::Ready(Ok(End::Idle));
             }
-            idle_timer.as_mut().reset(deadline);
+            this.timer.as_mut().reset(deadline);
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// One direction of a relay: bytes read from `src` and not yet written to

@@ -54,7 +54,7 @@ use crate::backend::{Backend, Via};
 use crate::config::Sticky;
 use crate::metrics::Reject;
 use crate::sockets;
-use crate::sync::{self, Tripwire};
+use crate::sync::Tripwire;
 pub use pool::ProxyBody;
 use pool::Sender;
 
@@ -202,7 +202,6 @@ async fn handle(
         let tunnel = Tunnel {
             open: shared.open.enter(),
             slot,
-            abort: ctx.abort.clone(),
             cut,
         };
         ctx.tracker
@@ -287,9 +286,9 @@ struct Tunnel {
     open: Open,
     /// The backend slot (active count, cap) for the tunnel's life.
     slot: Slot,
-    abort: Tripwire,
-    /// Tripped if the backend is marked down (`on_marked_down = "shutdown"`).
-    cut: Option<Tripwire>,
+    /// Tripped if the backend is marked down (`on_marked_down =
+    /// "shutdown"`) or the shutdown grace is over.
+    cut: Tripwire,
 }
 
 impl Tunnel {
@@ -309,8 +308,10 @@ impl Tunnel {
                     debug!(error = %e, "upgraded connection ended with error");
                 }
             }
-            () = self.abort.tripped() => debug!("upgraded connection cut by shutdown"),
-            () = sync::tripped_or_never(self.cut.as_ref()) => debug!("upgraded connection cut: backend marked down"),
+            () = self.cut.tripped() => match self.cut.parent_tripped() {
+                true => debug!("upgraded connection cut by shutdown"),
+                false => debug!("upgraded connection cut: backend marked down"),
+            },
         }
         drop((self.open, self.slot));
     }
