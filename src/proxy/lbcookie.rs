@@ -70,19 +70,23 @@ pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
-/// Add the cookie that names backend `id`, and keep caches from storing
-/// it: `Set-Cookie: NAME=<id>; Path=/; HttpOnly` (plus `Max-Age`) and
-/// `Cache-Control: no-cache="set-cookie"`.
-pub fn insert(headers: &mut HeaderMap, sticky: &Sticky, id: &str) {
+/// The `Set-Cookie` value that names backend `id`: `NAME=<id>; Path=/;
+/// HttpOnly` (plus `Max-Age`). Built once per backend with the route, not
+/// per response.
+pub fn set_cookie(sticky: &Sticky, id: &str) -> Option<HeaderValue> {
     let mut c = cookie::Cookie::build((sticky.cookie.as_str(), id))
         .path("/")
         .http_only(true);
     if let Some(age) = sticky.max_age {
         c = c.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
     }
-    if let Ok(v) = HeaderValue::from_str(&c.build().to_string()) {
-        headers.append(header::SET_COOKIE, v);
-    }
+    HeaderValue::from_str(&c.build().to_string()).ok()
+}
+
+/// Add a backend's cookie ([`set_cookie`]), and keep caches from storing
+/// it: `Cache-Control: no-cache="set-cookie"`.
+pub fn insert(headers: &mut HeaderMap, set_cookie: &HeaderValue) {
+    headers.append(header::SET_COOKIE, set_cookie.clone());
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache=\"set-cookie\""),

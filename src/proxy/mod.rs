@@ -22,6 +22,7 @@ pub(crate) mod udp;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::header::HeaderValue;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
@@ -89,27 +90,37 @@ pub struct Route {
     pub settings: Arc<Settings>,
     pub shared: Arc<Shared>,
     pub pool: Pool,
-    /// HTTP mode with lbCookie: cookie value → index in `pool.backends`;
-    /// empty for other listeners. Shared by routes over the same backends.
-    pub cookie_ids: Arc<hashbrown::HashMap<String, usize>>,
+    /// HTTP mode with lbCookie: cookie value → index in `pool.backends`,
+    /// and each backend's `Set-Cookie`; empty for other listeners. Shared
+    /// by routes over the same backends.
+    pub cookies: Arc<Cookies>,
+}
+
+/// A listener's lbCookie values, computed once per set of backends.
+#[derive(Debug, Default)]
+pub struct Cookies {
+    ids: hashbrown::HashMap<String, usize>,
+    set_cookie: hashbrown::HashMap<Arc<str>, HeaderValue>,
 }
 
 impl Route {
     /// A route over `backends` (in config order).
     pub fn new(settings: Arc<Settings>, shared: Arc<Shared>, backends: Vec<Arc<Backend>>) -> Route {
-        let cookie_ids = match &settings.sticky {
-            Some(_) => backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (lbcookie::cookie_id(&settings.name, &b.name), i))
-                .collect(),
-            None => Default::default(),
-        };
+        let mut cookies = Cookies::default();
+        if let Some(sticky) = &settings.sticky {
+            for (i, b) in backends.iter().enumerate() {
+                let id = lbcookie::cookie_id(&settings.name, &b.name);
+                if let Some(v) = lbcookie::set_cookie(sticky, &id) {
+                    cookies.set_cookie.insert(b.name.clone(), v);
+                }
+                cookies.ids.insert(id, i);
+            }
+        }
         Route {
             pool: Pool::new(settings.algorithm, backends),
             settings,
             shared,
-            cookie_ids: Arc::new(cookie_ids),
+            cookies: Arc::new(cookies),
         }
     }
 
@@ -120,13 +131,18 @@ impl Route {
             pool: Pool::new(self.settings.algorithm, self.pool.backends.clone()),
             settings: self.settings.clone(),
             shared: self.shared.clone(),
-            cookie_ids: self.cookie_ids.clone(),
+            cookies: self.cookies.clone(),
         }
     }
 
     /// The backend an lbCookie value names.
     pub fn cookie_backend(&self, id: &str) -> Option<&Arc<Backend>> {
-        self.cookie_ids.get(id).map(|&i| &self.pool.backends[i])
+        self.cookies.ids.get(id).map(|&i| &self.pool.backends[i])
+    }
+
+    /// The `Set-Cookie` value that sends later requests to `backend`.
+    pub fn set_cookie(&self, backend: &Backend) -> Option<&HeaderValue> {
+        self.cookies.set_cookie.get(&*backend.name)
     }
 }
 

@@ -51,7 +51,6 @@ use super::connect::{self, Reached, Unserved};
 use super::queue::{Open, Slot};
 use super::{ConnContext, Route, Settings, Shared, lbcookie};
 use crate::backend::{Backend, Via};
-use crate::config::Sticky;
 use crate::metrics::Reject;
 use crate::sockets;
 use crate::sync::Tripwire;
@@ -82,10 +81,13 @@ pub async fn serve(
             r.shared.metrics.connection_duration.clone(),
         )
     };
-    let shared = Arc::new(ctx.clone());
+    let shared = Arc::new((ctx.clone(), Forwarding::of(peer.ip())));
     let service = service_fn(move |req| {
-        let (route, ctx) = (route.clone(), shared.clone());
-        async move { Ok::<_, Infallible>(handle(req, peer, &route, &ctx).await) }
+        let (route, shared) = (route.clone(), shared.clone());
+        async move {
+            let (ctx, forwarding) = &*shared;
+            Ok::<_, Infallible>(handle(req, peer, forwarding, &route, ctx).await)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -118,6 +120,7 @@ pub async fn serve(
 async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    forwarding: &Forwarding,
     route: &ArcSwap<Route>,
     ctx: &ConnContext,
 ) -> Response<ProxyBody> {
@@ -135,7 +138,7 @@ async fn handle(
         lbcookie::strip_cookie(req.headers_mut(), &s.cookie);
     }
     let upgrade = wants_upgrade(req.headers());
-    prepare_request(&mut req, peer.ip(), upgrade);
+    prepare_request(&mut req, forwarding, upgrade);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     // Wrap the body: counted per backend once it is known.
@@ -191,8 +194,7 @@ async fn handle(
         .metrics
         .http()
         .count(response.status().as_u16());
-    let id = insert.map(|_| lbcookie::cookie_id(&settings.name, &backend.name));
-    let cookie = insert.zip(id.as_deref());
+    let cookie = insert.and_then(|_| route.set_cookie(&backend));
     if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
         let mut response = finish_response(response, &backend, None, cookie);
         let backend_upgrade = hyper::upgrade::on(&mut response);
@@ -367,36 +369,58 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// What a client's requests say about it to the backend, formatted once
+/// per client connection rather than per request.
+struct Forwarding {
+    /// The client's address, as `X-Forwarded-For` appends it.
+    client: String,
+    /// `X-Forwarded-For` when the request has none.
+    xff: Option<HeaderValue>,
+    /// `Forwarded: for=<client>;proto=http`.
+    forwarded: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    fn of(client: IpAddr) -> Forwarding {
+        let client = client.to_canonical();
+        let node = match client {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let client = client.to_string();
+        Forwarding {
+            xff: HeaderValue::from_str(&client).ok(),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto=http")).ok(),
+            client,
+        }
+    }
+}
+
 /// Make the client's request fit to forward: hop-by-hop headers out,
 /// `X-Forwarded-For` appended, `X-Forwarded-Proto` and `Forwarded` added,
 /// origin-form target.
-fn prepare_request(req: &mut Request<Incoming>, client: IpAddr, upgrade: bool) {
+fn prepare_request(req: &mut Request<Incoming>, forwarding: &Forwarding, upgrade: bool) {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    let client = client.to_canonical();
     let xff_name = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<String> = headers
+    let prior: Vec<&str> = headers
         .get_all(&xff_name)
         .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .filter_map(|v| v.to_str().ok())
         .collect();
     let xff = if prior.is_empty() {
-        client.to_string()
+        forwarding.xff.clone()
     } else {
-        format!("{}, {client}", prior.join(", "))
+        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), forwarding.client)).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(xff_name, v);
     }
     let proto = HeaderName::from_static("x-forwarded-proto");
     if !headers.contains_key(&proto) {
         headers.insert(proto, HeaderValue::from_static("http"));
     }
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto=http")) {
+    if let Some(v) = forwarding.forwarded.clone() {
         headers.append(header::FORWARDED, v);
     }
     // Absolute-form targets (proxy-style requests) become origin-form.
@@ -415,13 +439,13 @@ fn finish_response(
     response: Response<Incoming>,
     backend: &Backend,
     slot: Option<Slot>,
-    insert: Option<(&Sticky, &str)>,
+    set_cookie: Option<&HeaderValue>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if let Some((sticky, id)) = insert {
-        lbcookie::insert(&mut parts.headers, sticky, id);
+    if let Some(v) = set_cookie {
+        lbcookie::insert(&mut parts.headers, v);
     }
     let counter = CounterSlot::default();
     counter.set(backend.state.metrics.bytes_backend_to_client.clone());
