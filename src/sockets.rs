@@ -7,7 +7,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::config::Keepalive;
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// Pause after an accept error such as EMFILE: the error persists until some
 /// connection closes, and retrying at once would spin a core. HAProxy and
@@ -95,18 +96,35 @@ fn explain_bind(e: io::Error, freebind: bool) -> io::Error {
 const EADDRNOTAVAIL: i32 = 99;
 
 /// Connect to a backend within `timeout`.
+///
+/// By hand rather than with `TcpSocket::connect`, which asks for
+/// `SO_ERROR` after every connect: a failed connect always shows as error
+/// readiness (`EPOLLERR`), so the error is read only then — one system
+/// call less on every successful connect.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: Option<Keepalive>,
 ) -> io::Result<TcpStream> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE | Interest::ERROR))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::NotConnected.into()));
+    }
     tune_stream(&stream, keepalive);
     Ok(stream)
 }
