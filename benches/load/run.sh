@@ -17,7 +17,8 @@ IPERF_STREAMS=${IPERF_STREAMS:-4}   # row 3b: iperf3 -P
 IDLE_CONNS=${IDLE_CONNS:-5000}
 REDIS_CONNS=${REDIS_CONNS:-$CONNS}  # row 7: redis-benchmark -c
 REDIS_USER=${REDIS_USER:-}          # row 7: run redis-server as this user (default: as we are; nobody if it refuses root)
-PROXY_CPU=${PROXY_CPU:-0}           # proxy under test
+PROXY_CPU=${PROXY_CPU:-0}           # proxy under test: a CPU or a list (taskset -c), e.g. 0,1
+PROXY_THREADS=${PROXY_THREADS:-1}   # HAProxy nbthread / nginx worker_processes; switchyard runs a worker per CPU of PROXY_CPU
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
 ROWS=${ROWS:-1 2 3 4 5 6 7}         # which rows to run (3 = 3a and 3b)
 ROW5_STICKY=${ROW5_STICKY:-1}       # row 5: also run wrk with the sticky cookie (0 = only without cookie)
@@ -111,10 +112,19 @@ fi
 
 # CPU pinning (needs 2 CPUs; otherwise run unpinned and say so)
 ncpu=$(nproc)
-if ((ncpu >= 2)) && ((PROXY_CPU < ncpu)) && ((LOAD_CPU < ncpu)); then
+cpus_ok() { # cpus_ok LIST : every CPU of a comma-separated list exists
+    local c
+    for c in ${1//,/ }; do
+        [[ $c =~ ^[0-9]+$ ]] && ((c < ncpu)) || return 1
+    done
+}
+[[ $PROXY_THREADS =~ ^[1-9][0-9]*$ ]] || die "PROXY_THREADS: '$PROXY_THREADS' is not a positive number"
+proxy_cpus=$(tr ',' '\n' <<<"$PROXY_CPU" | wc -l)
+((proxy_cpus >= PROXY_THREADS)) || die "PROXY_THREADS=$PROXY_THREADS needs as many CPUs in PROXY_CPU (now '$PROXY_CPU'): switchyard sizes its runtime by them"
+if ((ncpu >= 2)) && cpus_ok "$PROXY_CPU" && cpus_ok "$LOAD_CPU"; then
     PIN_PROXY=(taskset -c "$PROXY_CPU")
     PIN_LOAD=(taskset -c "$LOAD_CPU")
-    pinning="proxy on CPU $PROXY_CPU, load generator and backends on CPU $LOAD_CPU"
+    pinning="proxy on CPU $PROXY_CPU ($PROXY_THREADS thread(s)), load generator and backends on CPU $LOAD_CPU"
 else
     PIN_PROXY=()
     PIN_LOAD=()
@@ -310,7 +320,7 @@ start_redis() {
 start_haproxy() { # start_haproxy LISTEN_PORT BACKEND_PORT -> HAP_PID
     cat >"$TMP/haproxy.cfg" <<EOF
 global
-    nbthread 1
+    nbthread $PROXY_THREADS
     maxconn $HAP_MAXCONN
 defaults
     mode tcp
@@ -387,7 +397,7 @@ start_nginx_stream() {
     mkdir -p "$dir/logs"
     cat >"$dir/nginx.conf" <<EOF
 $NGX_STREAM
-worker_processes 1;
+worker_processes $PROXY_THREADS;
 daemon off;
 master_process on;
 pid $dir/nginx.pid;
@@ -425,7 +435,7 @@ start_proxies() {
 start_haproxy_http() { # start_haproxy_http LISTEN_PORT BACKEND_PORT1 BACKEND_PORT2 -> HAP_PID
     cat >"$TMP/haproxy-http.cfg" <<EOF
 global
-    nbthread 1
+    nbthread $PROXY_THREADS
     maxconn $HAP_MAXCONN
 defaults
     mode http
@@ -534,7 +544,7 @@ start_nginx_udp_at() { # start_nginx_udp_at LISTEN_PORT BACKEND_PORT -> NGX_PID
     # switchyard's idle_timeout, for sessions whose reply never comes.
     cat >"$dir/nginx.conf" <<EOF
 $NGX_STREAM
-worker_processes 1;
+worker_processes $PROXY_THREADS;
 daemon off;
 master_process on;
 pid $dir/nginx.pid;
@@ -1024,7 +1034,7 @@ if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
 " (run as ${REDIS_RAN_AS:-?}, no persistence): 20 000 GETs of warm-up, then as many as take ${DURATION}s at that rate"
     echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency (after ${WARMUP}s warm-up); iperf3 -t $IPERF_DURATION (3b: -P $IPERF_STREAMS);"\
          "$IDLE_CONNS idle connections$redis."\
-         "HAProxy \`mode tcp\`, \`nbthread 1\`, maxconn $HAP_MAXCONN; nginx stream 1 worker, \`proxy_timeout 1h\`, no access log,"\
+         "HAProxy \`mode tcp\`, \`nbthread $PROXY_THREADS\`, maxconn $HAP_MAXCONN; nginx stream $PROXY_THREADS worker(s), \`proxy_timeout 1h\`, no access log,"\
          "worker_connections $NGX_CONNS; switchyard one listener, roundrobin, one backend. Proxy CPU = utime+stime of the proxy's"\
          "processes (nginx: master and worker; switchyard: all threads) from the start to the end of the measured run, per request"\
          "(rows 1, 5), per new connection (row 2), per GET (row 7) or, in ms, per GB received by iperf3 (rows 3a, 3b); busy = that CPU time / the same seconds; waiting = their"\
