@@ -433,18 +433,28 @@ async fn every_authentication_method_logs_in() {
         ),
     )
     .await;
-    let log = pg.log();
-    for (user, method) in [
+    // The server writes a session's log lines from its own process: wait
+    // for them rather than read the log once.
+    let mut wanted: Vec<String> = [
         ("pw_user", "password"),
         ("md5_user", "md5"),
         ("scram_user", "scram-sha-256"),
-    ] {
-        let line = format!("connection authenticated: identity=\"{user}\" method={method}");
-        assert!(log.contains(&line), "no {line:?} in the log:\n{log}");
-    }
-    assert!(
-        log.contains("connection authorized: user=md5_user database=inventory application_name=switchyard-health-check"),
-        "the md5 probe's session on its database:\n{log}"
-    );
+    ]
+    .iter()
+    .map(|(user, method)| format!("connection authenticated: identity=\"{user}\" method={method}"))
+    .collect();
+    // The md5 probe's session on its database.
+    wanted.push("connection authorized: user=md5_user database=inventory application_name=switchyard-health-check".into());
+    eventually("every probe's login in the server log", || {
+        let log = pg.log();
+        let missing: Vec<&String> = wanted.iter().filter(|l| !log.contains(*l)).collect();
+        async move {
+            match missing.is_empty() {
+                true => Ok(()),
+                false => Err(format!("missing {missing:?} in:\n{log}")),
+            }
+        }
+    })
+    .await;
     assert_clean_goodbyes(&[&pg]);
 }
