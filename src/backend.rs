@@ -6,7 +6,8 @@
 //! (`registry`) keys by (listener, backend name), so a reload that
 //! keeps the backend hands the new pool the very same counters, and a
 //! connection holds this and nothing of the pool it was scheduled from.
-//! Everything on the connection path is an atomic: no locks.
+//! Everything on the connection path is an atomic, except the short lock
+//! of a least-connection pool's load tree, taken on each open and close.
 //!
 //! This module decides nothing about health (that is `health`; a
 //! `Backend` only carries the plain-data report its checks write), HTTP (the
@@ -130,8 +131,10 @@ pub struct BackendState {
     /// The server's stop wire: every cut wire is its child, so one wait
     /// covers both.
     stop: Tripwire,
-    /// Tripped (and replaced) when open connections must be cut because
-    /// the backend was marked down with `on_marked_down = "shutdown"`.
+    /// Tripped (and replaced) when open connections must be cut: the
+    /// backend was marked down with `on_marked_down = "shutdown"` (udp:
+    /// down, maintenance, removed or moved), or, through `stop`, the
+    /// shutdown grace is over.
     cut: ArcSwap<Tripwire>,
     /// Counters, exported as they are: the metrics are the live state.
     pub metrics: Arc<BackendMetrics>,
