@@ -14,13 +14,13 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const DNSMASQ: &str = "/usr/sbin/dnsmasq";
@@ -271,6 +271,8 @@ pub struct Dnsmasq {
     pid: u32,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// What it logged (its stderr, read by a thread).
+    log: Arc<Log>,
     /// Name → addresses, as the hosts file says.
     hosts: Mutex<BTreeMap<String, Vec<IpAddr>>>,
     /// A name only this instance knows (with `SENTINEL_IP`): an answer for
@@ -309,6 +311,7 @@ impl Dnsmasq {
             pid: 0,
             child: None,
             dir,
+            log: Arc::default(),
             hosts: Mutex::new(BTreeMap::new()),
             sentinel,
         };
@@ -338,17 +341,13 @@ impl Dnsmasq {
             for s in srv {
                 cmd.arg(format!("--srv-host={s}"));
             }
-            let log = File::options()
-                .create(true)
-                .append(true)
-                .open(dns.log_path())
-                .unwrap();
-            let child = cmd
+            let mut child = cmd
                 .stdin(Stdio::null())
-                .stdout(Stdio::from(log.try_clone().unwrap()))
-                .stderr(Stdio::from(log))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {DNSMASQ}: {e}; {INSTALL_HINT}"));
+            dns.log = Log::follow(child.stderr.take().unwrap());
             dns.pid = child.id();
             dns.child = Some(child);
             dns.addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -361,36 +360,39 @@ impl Dnsmasq {
         panic!("dnsmasq found no free port\n{}", dns.log());
     }
 
-    /// Wait until this process answers for its sentinel name: true. False
-    /// when it exited because its port was in use.
+    /// Wait until this process has read its hosts file and answers for its
+    /// sentinel name: true. False when it exited because its port was in
+    /// use.
     fn wait_ready(&mut self) -> bool {
-        let start = Instant::now();
-        loop {
-            let child = self.child.as_mut().unwrap();
-            if let Some(status) = child.try_wait().unwrap() {
-                let log = self.log();
-                if log.contains("Address already in use") {
-                    return false;
-                }
-                panic!("dnsmasq exited at start ({status})\n{log}");
+        let read = self.hosts_read_line();
+        let (log, ended) = self
+            .log
+            .wait_for(|log, ended| ended || log.contains(&read), WAIT);
+        if ended {
+            let _ = self.child.as_mut().unwrap().wait();
+            if log.contains("Address already in use") {
+                return false;
             }
-            if let Some(answer) = query(self.addr, &self.sentinel, A, QUERY_TIMEOUT)
-                && answer.records == [Record::Addr(SENTINEL_IP)]
-            {
-                return true;
-            }
-            if start.elapsed() > WAIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "dnsmasq did not answer on {} within {WAIT:?}\n{}",
-                    self.addr,
-                    self.log()
-                );
-            }
-            // Poll interval (a closed port answers at once).
-            std::thread::sleep(Duration::from_millis(10));
+            panic!("dnsmasq exited at start\n{log}");
         }
+        if !log.contains(&read) {
+            self.stop();
+            panic!("dnsmasq did not read its hosts file within {WAIT:?}\n{log}");
+        }
+        let answer = query(self.addr, &self.sentinel, A, QUERY_TIMEOUT);
+        assert!(
+            answer
+                .as_ref()
+                .is_some_and(|a| a.records == [Record::Addr(SENTINEL_IP)]),
+            "dnsmasq on {} does not answer for its sentinel: {answer:?}\n{log}",
+            self.addr
+        );
+        true
+    }
+
+    /// What dnsmasq logs each time it has (re)read the hosts file.
+    fn hosts_read_line(&self) -> String {
+        format!("read {} - ", self.hosts_path().display())
     }
 
     /// `"127.0.0.1:PORT"`, for `dns_servers`.
@@ -406,13 +408,9 @@ impl Dnsmasq {
         self.dir.path().join("hosts")
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("dnsmasq.log")
-    }
-
     /// What dnsmasq logged so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        self.log.text()
     }
 
     fn write_hosts(&self, hosts: &BTreeMap<String, Vec<IpAddr>>) {
@@ -440,21 +438,26 @@ impl Dnsmasq {
             hosts.insert(name.to_owned(), ips.to_vec());
         }
         self.write_hosts(&hosts);
+        // dnsmasq clears its cache, rereads the file, then logs that it
+        // did: one more such line means the new names are served.
+        let read = self.hosts_read_line();
+        let reads = self.log().matches(&read).count();
         self.signal("HUP");
+        let (log, _) = self.log.wait_for(
+            |log, ended| ended || log.matches(&read).count() > reads,
+            WAIT,
+        );
+        assert!(
+            log.matches(&read).count() > reads,
+            "dnsmasq did not reread its hosts file within {WAIT:?}\n{log}"
+        );
         let want: BTreeSet<IpAddr> = ips.iter().copied().collect();
-        let start = Instant::now();
-        loop {
-            let got = addresses(self.addr, name);
-            if got.as_ref() == Some(&want) {
-                return;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "dnsmasq still answers {got:?} for {name}, not {want:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let got = addresses(self.addr, name);
+        assert_eq!(
+            got.as_ref(),
+            Some(&want),
+            "dnsmasq answers {got:?} for {name} after rereading its hosts file\n{log}"
+        );
     }
 
     /// How many queries of type `qtype` ("A", "AAAA", "SRV") for `name`
@@ -501,5 +504,48 @@ impl Dnsmasq {
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A child's log lines as they come, for waiting on one with a deadline.
+#[derive(Default)]
+struct Log {
+    /// (text so far, the stream ended).
+    state: Mutex<(String, bool)>,
+    grew: Condvar,
+}
+
+impl Log {
+    /// Read `stream` on a thread of its own until it ends.
+    fn follow(stream: impl std::io::Read + Send + 'static) -> Arc<Log> {
+        let log = Arc::new(Log::default());
+        let writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let mut state = writer.state.lock().unwrap();
+                state.0 += &line;
+                state.0.push('\n');
+                writer.grew.notify_all();
+            }
+            writer.state.lock().unwrap().1 = true;
+            writer.grew.notify_all();
+        });
+        log
+    }
+
+    fn text(&self) -> String {
+        self.state.lock().unwrap().0.clone()
+    }
+
+    /// Wait until `done(text, ended)` holds or `within` has passed; the
+    /// text and whether the stream ended, either way.
+    fn wait_for(&self, done: impl Fn(&str, bool) -> bool, within: Duration) -> (String, bool) {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .grew
+            .wait_timeout_while(state, within, |(text, ended)| !done(text, *ended))
+            .unwrap();
+        (state.0.clone(), state.1)
     }
 }
