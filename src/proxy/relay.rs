@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::splice::Pipe;
+use crate::backend::BackendState;
 use crate::config::Keepalive;
 use std::os::fd::AsRawFd;
 
@@ -84,20 +85,6 @@ pub enum End {
     Idle,
 }
 
-/// Bytes moved by a relay, reported as they go.
-/// (Also what the relay is to set on the backend socket later: the meter
-/// already lives beside the relay, so this costs the relay's state no
-/// bytes.)
-pub trait Meter: Sync {
-    fn client_to_backend(&self, bytes: u64);
-    fn backend_to_client(&self, bytes: u64);
-    /// Keepalive to turn on on the backend socket once the connection has
-    /// lived [`KEEPALIVE_AFTER`].
-    fn backend_keepalive(&self) -> Option<Keepalive> {
-        None
-    }
-}
-
 /// A connection that ends sooner than this never needs a keepalive probe,
 /// so its backend socket's keepalive is set only once it has lived this
 /// long: four option calls saved on every short connection, and the first
@@ -107,9 +94,9 @@ pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 pin_project! {
     /// One connection's relay: both directions and the idle timer. Polled
     /// until both directions have ended, one fails, or the connection has
-    /// been idle for `idle`; the meter's backend keepalive, if any, is
-    /// turned on on the backend socket once the connection has lived
-    /// [`KEEPALIVE_AFTER`].
+    /// been idle for `idle`; the backend socket's keepalive, if any, is
+    /// turned on once the connection has lived [`KEEPALIVE_AFTER`]. Bytes
+    /// are counted on the backend's live state as they move.
     ///
     /// A plain struct polled by hand rather than two `async` copy loops
     /// joined: it waits through the sockets' own reader/writer waker slots
@@ -123,7 +110,8 @@ pin_project! {
         b2c: Half,
         idle: Duration,
         last_activity: Instant,
-        keepalive_due: bool,
+        // Still to set on the backend socket (taken when it is).
+        keepalive: Option<Keepalive>,
         // One timer for the connection, re-armed from the last activity
         // when it fires, never reset per read; first due when keepalive is.
         #[pin]
@@ -132,10 +120,10 @@ pin_project! {
 }
 
 impl Relay {
-    /// A relay that ends after `idle` without a byte moved; `keepalive`:
-    /// the meter has a backend keepalive to set after [`KEEPALIVE_AFTER`].
-    pub fn new(idle: Duration, keepalive: bool) -> Relay {
-        let first = if keepalive {
+    /// A relay that ends after `idle` without a byte moved and sets
+    /// `keepalive` on the backend socket after [`KEEPALIVE_AFTER`].
+    pub fn new(idle: Duration, keepalive: Option<Keepalive>) -> Relay {
+        let first = if keepalive.is_some() {
             idle.min(KEEPALIVE_AFTER)
         } else {
             idle
@@ -145,7 +133,7 @@ impl Relay {
             b2c: Half::default(),
             idle,
             last_activity: Instant::now(),
-            keepalive_due: keepalive,
+            keepalive,
             timer: tokio::time::sleep(first),
         }
     }
@@ -155,16 +143,16 @@ impl Relay {
         cx: &mut Context<'_>,
         client: &TcpStream,
         backend: &TcpStream,
-        meter: &impl Meter,
+        counters: &BackendState,
     ) -> Poll<io::Result<End>> {
         let mut this = self.project();
         let mut moved = false;
         let up = this.c2b.poll(cx, client, backend, this.b2c.done, |n| {
-            meter.client_to_backend(n);
+            counters.metrics.bytes_client_to_backend.inc_by(n);
             moved = true;
         })?;
         let down = this.b2c.poll(cx, backend, client, this.c2b.done, |n| {
-            meter.backend_to_client(n);
+            counters.metrics.bytes_backend_to_client.inc_by(n);
             moved = true;
         })?;
         if up.is_ready() && down.is_ready() {
@@ -174,9 +162,7 @@ impl Relay {
             *this.last_activity = Instant::now();
         }
         while this.timer.as_mut().poll(cx).is_ready() {
-            if std::mem::take(this.keepalive_due)
-                && let Some(k) = meter.backend_keepalive()
-            {
+            if let Some(k) = this.keepalive.take() {
                 crate::sockets::set_keepalive(backend, k);
             }
             let deadline = *this.last_activity + *this.idle;

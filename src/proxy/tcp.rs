@@ -27,9 +27,8 @@ use super::Route;
 use super::connect::{self, Reached};
 use super::proxy_protocol;
 use super::queue::{Open, Slot};
-use super::relay::{End, Meter, Relay};
-use crate::backend::BackendState;
-use crate::config::{Keepalive, ProxyProtocol};
+use super::relay::{End, Relay};
+use crate::config::ProxyProtocol;
 use crate::sockets;
 use crate::sync::{Tripped, Tripwire};
 
@@ -130,12 +129,10 @@ async fn place(
     debug!(backend = %backend.name, "connected");
     // From here on the connection holds what it uses, not the route: a
     // session that lasts for days pins no pool.
-    let keepalive = route.settings.keepalive;
     Some(Session {
-        relay: Relay::new(route.settings.idle_timeout, keepalive.is_some()),
+        relay: Relay::new(route.settings.idle_timeout, route.settings.keepalive),
         client,
         upstream,
-        keepalive,
         cut: cut.tripped(),
         duration: route.shared.metrics.connection_duration.clone(),
         started: Instant::now(),
@@ -151,7 +148,6 @@ pin_project! {
         relay: Relay,
         client: TcpStream,
         upstream: TcpStream,
-        keepalive: Option<Keepalive>,
         // Ends the session when the backend is marked down
         // (`on_marked_down = "shutdown"`) or the shutdown grace is over.
         #[pin]
@@ -173,13 +169,10 @@ impl Session {
                 false => "cut: backend marked down",
             }
         } else {
-            let meter = BackendMeter {
-                state: this.slot.guard().state(),
-                keepalive: *this.keepalive,
-            };
+            let counters = this.slot.guard().state();
             match std::task::ready!(
                 this.relay
-                    .poll_relay(cx, this.client, this.upstream, &meter)
+                    .poll_relay(cx, this.client, this.upstream, counters)
             ) {
                 Ok(End::Closed) => "closed",
                 Ok(End::Idle) => "idle timeout",
@@ -224,26 +217,6 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Counts relayed bytes on the backend's live state, and carries the
-/// keepalive the relay sets on the backend socket later.
-struct BackendMeter<'a> {
-    state: &'a BackendState,
-    keepalive: Option<crate::config::Keepalive>,
-}
-
-impl Meter for BackendMeter<'_> {
-    fn client_to_backend(&self, bytes: u64) {
-        self.state.metrics.bytes_client_to_backend.inc_by(bytes);
-    }
-    fn backend_to_client(&self, bytes: u64) {
-        self.state.metrics.bytes_backend_to_client.inc_by(bytes);
-    }
-
-    fn backend_keepalive(&self) -> Option<crate::config::Keepalive> {
-        self.keepalive
-    }
 }
 
 #[cfg(test)]

@@ -372,9 +372,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// What a client's requests say about it to the backend, formatted once
 /// per client connection rather than per request.
 struct Forwarding {
-    /// The client's address, as `X-Forwarded-For` appends it.
-    client: String,
-    /// `X-Forwarded-For` when the request has none.
+    /// The client's address: `X-Forwarded-For` when the request has none,
+    /// appended to the request's own otherwise.
     xff: Option<HeaderValue>,
     /// `Forwarded: for=<client>;proto=http`.
     forwarded: Option<HeaderValue>,
@@ -387,11 +386,9 @@ impl Forwarding {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
-        let client = client.to_string();
         Forwarding {
-            xff: HeaderValue::from_str(&client).ok(),
+            xff: HeaderValue::from_str(&client.to_string()).ok(),
             forwarded: HeaderValue::from_str(&format!("for={node};proto=http")).ok(),
-            client,
         }
     }
 }
@@ -408,10 +405,12 @@ fn prepare_request(req: &mut Request<Incoming>, forwarding: &Forwarding, upgrade
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let xff = if prior.is_empty() {
-        forwarding.xff.clone()
-    } else {
-        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), forwarding.client)).ok()
+    let xff = match (&forwarding.xff, prior.is_empty()) {
+        (Some(client), false) => {
+            let client = client.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+        }
+        (xff, _) => xff.clone(),
     };
     if let Some(v) = xff {
         headers.insert(xff_name, v);
