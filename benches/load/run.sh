@@ -128,6 +128,7 @@ if ((ncpu >= 2)) && cpus_ok "$PROXY_CPU" && cpus_ok "$LOAD_CPU"; then
 else
     PIN_PROXY=()
     PIN_LOAD=()
+    LOAD_CPU=$(seq -s, 0 $((ncpu - 1))) # load CPU busy then means the whole machine
     pinning="unpinned ($ncpu CPUs; pinning needs 2 and valid PROXY_CPU/LOAD_CPU)"
 fi
 
@@ -680,14 +681,22 @@ to_ms() { # wrk latency "812.00us" / "1.20ms" / "1.01s" -> ms
 
 # ---- proxy CPU: utime+stime (all threads) of the processes in the proxy's session, as row 6
 CLK_TCK=$(getconf CLK_TCK)
-ticks() { # ticks PID... -> utime+stime summed over the PIDs, in clock ticks
-    local pid st f sum=0
+ticks() { # ticks PID... -> "ALL SYS": utime+stime and stime alone summed over the PIDs, in clock ticks
+    local pid st f sum=0 sys=0
     for pid in "$@"; do
         read -r st 2>/dev/null <"/proc/$pid/stat" || continue
         read -ra f <<<"${st##*) }"   # f[0] = state (field 3): utime, stime = fields 14, 15
-        sum=$((sum + f[11] + f[12]))
+        sum=$((sum + f[11] + f[12])) sys=$((sys + f[12]))
     done
-    echo "$sum"
+    echo "$sum $sys"
+}
+# cpus_jiffies LIST -> "BUSY TOTAL": jiffies of the CPUs of a comma-separated list (/proc/stat),
+# busy = user, nice, system, irq, softirq; total adds idle, iowait and steal (guest time is
+# already inside user)
+cpus_jiffies() {
+    awk -v list="$1" 'BEGIN { n = split(list, c, ","); for (i = 1; i <= n; i++) want["cpu" c[i]] = 1 }
+        $1 in want { b += $2 + $3 + $4 + $7 + $8; t += $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }
+        END { printf "%d %d\n", b, t }' /proc/stat
 }
 waited() { # waited PID... -> ns their threads spent runnable, waiting for a CPU (schedstat field 2)
     local pid f st sum=0
@@ -700,32 +709,42 @@ waited() { # waited PID... -> ns their threads spent runnable, waiting for a CPU
     echo "$sum"
 }
 # cpu_start TARGET : start counting the CPU time of TARGET's proxy (PID_<TARGET>'s session;
-# nothing for direct); cpu_stop -> CPU_S (seconds of CPU), WAIT_S (seconds runnable but not
-# running: other work on the proxy CPU) and WALL_S (seconds since cpu_start)
+# nothing for direct); cpu_stop -> CPU_S (seconds of CPU), SYS_S (of which in the kernel),
+# WAIT_S (seconds runnable but not running: other work on the proxy CPU), WALL_S (seconds since
+# cpu_start) and LOAD_BUSY (% of LOAD_CPU's time busy: load generators, backends, their kernel work)
 cpu_start() {
     local p=PID_$1
     CPU_PIDS=()
     [ -z "${!p:-}" ] || mapfile -t CPU_PIDS < <(session_pids "${!p}")
-    CPU_T0=$(ticks "${CPU_PIDS[@]}") CPU_W0=$(waited "${CPU_PIDS[@]}") WALL_T0=$EPOCHREALTIME
+    read -r CPU_T0 SYS_T0 < <(ticks "${CPU_PIDS[@]}")
+    read -r LOAD_B0 LOAD_T0 < <(cpus_jiffies "$LOAD_CPU")
+    CPU_W0=$(waited "${CPU_PIDS[@]}") WALL_T0=$EPOCHREALTIME
 }
 cpu_stop() {
-    local t1 q1 w1=$EPOCHREALTIME
-    t1=$(ticks "${CPU_PIDS[@]}") q1=$(waited "${CPU_PIDS[@]}")
+    local t1 s1 q1 lb lt w1=$EPOCHREALTIME
+    read -r t1 s1 < <(ticks "${CPU_PIDS[@]}")
+    read -r lb lt < <(cpus_jiffies "$LOAD_CPU")
+    q1=$(waited "${CPU_PIDS[@]}")
     CPU_S=$(awk -v a="$CPU_T0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / hz }')
+    SYS_S=$(awk -v a="$SYS_T0" -v b="$s1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / hz }')
     WAIT_S=$(awk -v a="$CPU_W0" -v b="$q1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
     WALL_S=$(awk -v a="$WALL_T0" -v b="$w1" 'BEGIN { printf "%.3f", b - a }')
+    LOAD_BUSY=$(awk -v b0="$LOAD_B0" -v t0="$LOAD_T0" -v b1="$lb" -v t1="$lt" 'BEGIN { printf "%.0f", (t1 > t0 ? 100 * (b1 - b0) / (t1 - t0) : 0) }')
 }
 # add_busy KEY TARGET : add KEY-busy, "B/W": the proxy's CPU time (B) and its time waiting for
-# its CPU (W) in % of the measured seconds; n/a for direct
+# its CPU (W) in % of the measured seconds (n/a for direct), and KEY-load: LOAD_BUSY
 add_busy() {
+    add "$1-load" "$2" "$LOAD_BUSY"
     if ((${#CPU_PIDS[@]} == 0)); then add "$1-busy" "$2" n/a; return; fi
     add "$1-busy" "$2" "$(awk -v c="$CPU_S" -v w="$WAIT_S" -v s="$WALL_S" 'BEGIN { printf "%.0f/%.0f", 100 * c / s, 100 * w / s }')"
 }
-# add_cpu KEY TARGET N : add KEY-cpu (µs of proxy CPU per each of N requests) and KEY-busy; n/a for direct
+# add_cpu KEY TARGET N : add KEY-cpu (µs of proxy CPU per each of N requests), KEY-sys (of which
+# in the kernel), KEY-busy and KEY-load; n/a for direct
 add_cpu() {
     add_busy "$1" "$2"
-    if ((${#CPU_PIDS[@]} == 0)); then add "$1-cpu" "$2" n/a; return; fi
+    if ((${#CPU_PIDS[@]} == 0)); then add "$1-cpu" "$2" n/a; add "$1-sys" "$2" n/a; return; fi
     add "$1-cpu" "$2" "$(awk -v c="$CPU_S" -v n="$3" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
+    add "$1-sys" "$2" "$(awk -v c="$SYS_S" -v n="$3" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
 }
 
 run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KEY-cpu, KEY-busy
@@ -1071,7 +1090,9 @@ ratio_sp() {
 }
 # row NUM LABEL KEY DECIMALS [KIND] : one table line, the median of each target; KIND = ratios
 # (default: switchyard/HAProxy and switchyard/nginx), none (no ratios), frac (each proxy's
-# figure as a fraction of direct's, with the per-round range; no ratio columns)
+# figure as a fraction of direct's, with the per-round range; no ratio columns), floor (KEY-sys
+# of each proxy over HAProxy's KEY-cpu: the ratio to HAProxy that proxy would reach with no
+# user-space CPU at all, what its kernel work alone costs; no ratio columns)
 row() {
     want "$1" || return 0
     local kind=${5:-ratios} t v cells="" rh="" rn=""
@@ -1080,6 +1101,8 @@ row() {
             v="n/a (L4 only)"
         elif [ "$kind" = frac ]; then
             if [ "$t" = direct ]; then v=1.00; else v=$(ratio_sp "$3" "$t" direct); fi
+        elif [ "$kind" = floor ]; then # KEY is a -sys key: this target's kernel CPU / HAProxy's whole CPU
+            if [ "$t" = direct ]; then v=n/a; else v=$(ratio "$(median "${R[$3,$t]:-}")" "$(median "${R[${3%-sys}-cpu,haproxy]:-}")"); fi
         elif [ "$kind" = bw ]; then # values "busy/waiting": the median of each
             v=${R[$3,$t]:-n/a}
             [[ $v == *[0-9]/[0-9]* ]] &&
@@ -1099,18 +1122,24 @@ row 1 "keep-alive req/s (higher is better)" ka-rps 0
 row 1 "keep-alive proxy CPU µs per request (lower is better)" ka-cpu 2
 row 1 "keep-alive p99 latency ms (lower is better)" ka-p99 2
 row 1 "keep-alive proxy CPU busy / waiting for its CPU, %" ka-busy 0 bw
+row 1 "keep-alive proxy kernel CPU µs per request (stime)" ka-sys 2
+row 1 "keep-alive floor: proxy's kernel CPU / HAProxy's whole CPU" ka-sys 2 floor
 row 2 "Connection: close req/s = new conns/s (higher is better)" close-rps 0
 row 2 "proxy CPU µs per new connection (lower is better)" close-cpu 2
 row 2 "Connection: close p99 latency ms (lower is better)" close-p99 2
 row 2 "Connection: close proxy CPU busy / waiting for its CPU, %" close-busy 0 bw
+row 2 "proxy kernel CPU µs per new connection (stime)" close-sys 2
+row 2 "new-connection floor: proxy's kernel CPU / HAProxy's whole CPU" close-sys 2 floor
 row 3a "iperf3 1 stream, Gbit/s (higher is better)" iperf1 2
 row 3a "iperf3 1 stream, fraction of direct" iperf1 2 frac
 row 3a "iperf3 1 stream, proxy CPU ms per GB (lower is better)" iperf1-cpu 0
 row 3a "iperf3 1 stream, proxy CPU busy / waiting for its CPU, %" iperf1-busy 0 bw
+row 3a "iperf3 1 stream, load CPU busy % (iperf3 client and server)" iperf1-load 0 none
 row 3b "iperf3 -P $IPERF_STREAMS, Gbit/s (higher is better)" iperfn 2
 row 3b "iperf3 -P $IPERF_STREAMS, fraction of direct" iperfn 2 frac
 row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU ms per GB (lower is better)" iperfn-cpu 0
 row 3b "iperf3 -P $IPERF_STREAMS, proxy CPU busy / waiting for its CPU, %" iperfn-busy 0 bw
+row 3b "iperf3 -P $IPERF_STREAMS, load CPU busy % (iperf3 client and server)" iperfn-load 0 none
 row 4 "RSS per idle connection KiB (lower is better)" idle 2
 row 5 "HTTP mode keep-alive req/s (cookie insert) (higher is better)" hck-rps 0
 row 5 "HTTP mode proxy CPU µs per request (cookie insert) (lower is better)" hck-cpu 2
@@ -1126,6 +1155,8 @@ row 7 "redis GET ops/s (higher is better)" redis-rps 0
 row 7 "redis GET proxy CPU µs per GET (lower is better)" redis-cpu 2
 row 7 "redis GET p99 latency ms (lower is better)" redis-p99 2
 row 7 "redis GET proxy CPU busy / waiting for its CPU, %" redis-busy 0 bw
+row 7 "redis GET proxy kernel CPU µs per GET (stime)" redis-sys 2
+row 7 "redis GET floor: proxy's kernel CPU / HAProxy's whole CPU" redis-sys 2 floor
 udp_row() { # udp_row LABEL KEY DECIMALS RATIOS : medians; RATIOS = nginx, nginx+direct or none
     local d n s rn="" rd="" sp
     d=$(median "${R[$2,direct]:-}"); n=$(median "${R[$2,nginx]:-}"); s=$(median "${R[$2,switchyard]:-}")
@@ -1151,8 +1182,9 @@ fi
 if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 4 || want 5 || want 7; }; then
     echo
     echo "Per-round values (direct / HAProxy / nginx stream / switchyard):"
-    for k in ka-rps ka-cpu ka-p99 ka-busy close-rps close-cpu close-p99 close-busy iperf1 iperf1-cpu iperf1-busy iperfn iperfn-cpu iperfn-busy idle \
-             hck-rps hck-cpu hck-p99 hck-busy hst-rps hst-cpu hst-p99 hst-busy redis-rps redis-cpu redis-p99 redis-busy; do
+    for k in ka-rps ka-cpu ka-sys ka-p99 ka-busy close-rps close-cpu close-sys close-p99 close-busy \
+             iperf1 iperf1-cpu iperf1-busy iperf1-load iperfn iperfn-cpu iperfn-busy iperfn-load idle \
+             hck-rps hck-cpu hck-p99 hck-busy hst-rps hst-cpu hst-p99 hst-busy redis-rps redis-cpu redis-sys redis-p99 redis-busy; do
         [ -n "${R[$k,haproxy]:-}${R[$k,switchyard]:-}" ] || continue
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,haproxy]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
     done
