@@ -85,6 +85,9 @@ impl AdminContext {
 /// A running admin server.
 #[derive(Debug)]
 pub struct AdminServer {
+    /// The listening socket (a duplicate of the serving task's), for a
+    /// live upgrade to hand over.
+    socket: std::os::fd::OwnedFd,
     stop: Tripwire,
     task: JoinHandle<()>,
 }
@@ -92,12 +95,25 @@ pub struct AdminServer {
 impl AdminServer {
     /// Bind `bind` and serve on it.
     pub fn start(bind: SocketAddr, ctx: Arc<AdminContext>) -> std::io::Result<AdminServer> {
-        let listener = sockets::bind_listener(bind, false)?;
+        AdminServer::serve_on(sockets::bind_listener(bind, false)?, ctx)
+    }
+
+    /// Serve on a bound socket (a live upgrade hands the old process's
+    /// over).
+    pub fn serve_on(listener: TcpListener, ctx: Arc<AdminContext>) -> std::io::Result<AdminServer> {
+        use std::os::fd::AsFd;
         let local_addr = listener.local_addr()?;
+        let socket = listener.as_fd().try_clone_to_owned()?;
         let stop = Tripwire::new();
         let task = tokio::spawn(serve(listener, ctx, stop.clone()));
         info!(addr = %local_addr, "admin listening");
-        Ok(AdminServer { stop, task })
+        Ok(AdminServer { socket, stop, task })
+    }
+
+    /// The listening socket, for a live upgrade to hand over.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd()
     }
 
     /// Stop accepting; requests in progress finish on their own.

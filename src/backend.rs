@@ -23,6 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::balancer::load_tree::LoadSlot;
 use crate::config::BackendConfig;
+use crate::handover::Handover;
 use crate::health::report::HealthReport;
 use crate::metrics::BackendMetrics;
 use crate::sync::Tripwire;
@@ -90,7 +91,8 @@ pub enum Via {
 }
 
 /// An operator's say on a backend, kept apart from health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum AdminState {
     /// Takes connections as health allows.
@@ -128,13 +130,15 @@ pub struct BackendState {
     up: AtomicBool,
     /// [`AdminState`] as a number; survives reloads, not restarts.
     admin: AtomicU8,
-    /// The server's stop wire: every cut wire is its child, so one wait
-    /// covers both.
-    stop: Tripwire,
+    /// The server's handover switch: every cut wire is a child of its
+    /// sessions wire (itself a child of the server's stop wire), so one
+    /// wait covers all three.
+    handover: Arc<Handover>,
     /// Tripped (and replaced) when open connections must be cut: the
     /// backend was marked down with `on_marked_down = "shutdown"` (udp:
-    /// down, maintenance, removed or moved), or, through `stop`, the
-    /// shutdown grace is over.
+    /// down, maintenance, removed or moved), or, through the handover's
+    /// sessions wire, the shutdown grace is over or a live upgrade takes
+    /// the sessions.
     cut: ArcSwap<Tripwire>,
     /// Counters, exported as they are: the metrics are the live state.
     pub metrics: Arc<BackendMetrics>,
@@ -149,20 +153,21 @@ pub struct BackendState {
 impl Default for BackendState {
     /// State whose metrics are registered nowhere (tests, benchmarks).
     fn default() -> Self {
-        BackendState::new(Arc::new(BackendMetrics::detached()), &Tripwire::new())
+        BackendState::new(Arc::new(BackendMetrics::detached()), &Arc::default())
     }
 }
 
 impl BackendState {
-    /// Live state whose connections are also cut when `stop` trips (the
-    /// server's end of shutdown grace).
-    pub fn new(metrics: Arc<BackendMetrics>, stop: &Tripwire) -> BackendState {
+    /// Live state whose connections are also cut (or frozen) when
+    /// `handover`'s sessions wire trips: the server's end of shutdown
+    /// grace, or a live upgrade.
+    pub fn new(metrics: Arc<BackendMetrics>, handover: &Arc<Handover>) -> BackendState {
         metrics.up.set(1);
         BackendState {
             up: AtomicBool::new(true),
             admin: AtomicU8::new(AdminState::Ready as u8),
-            cut: ArcSwap::from_pointee(stop.child()),
-            stop: stop.clone(),
+            cut: ArcSwap::from_pointee(handover.sessions().child()),
+            handover: handover.clone(),
             metrics,
             in_use: AtomicUsize::new(0),
             load: ArcSwapOption::empty(),
@@ -219,7 +224,13 @@ impl BackendState {
     /// Close every connection that holds a [`cut_signal`](Self::cut_signal)
     /// taken before now; later connections are unaffected.
     pub fn cut_connections(&self) {
-        self.cut.swap(Arc::new(self.stop.child())).trip();
+        self.cut.swap(Arc::new(self.handover.sessions().child())).trip();
+    }
+
+    /// The server's handover switch (a session woken by its cut wire asks
+    /// it whether to freeze).
+    pub fn handover(&self) -> &Handover {
+        &self.handover
     }
 
     /// Count a connection assigned to this backend (connecting or

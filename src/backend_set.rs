@@ -384,7 +384,7 @@ impl Owner {
                                 probe: Some(probe),
                             }
                         }
-                        _ => self.member_for(i, count, backend),
+                        _ => self.member_for(i, count, backend, None),
                     }
                 }
                 Some(m) => {
@@ -394,11 +394,11 @@ impl Owner {
                     }
                     m.backend.state.set_up(true);
                     let backend = Backend::new(b, m.backend.state.clone());
-                    self.member_for(i, count, Arc::new(backend))
+                    self.member_for(i, count, Arc::new(backend), None)
                 }
                 None => {
-                    let state = self.registry.state(&config.name, &b.name);
-                    self.member_for(i, count, Arc::new(Backend::new(b, state)))
+                    let (state, carried) = self.registry.state_carried(&config.name, &b.name);
+                    self.member_for(i, count, Arc::new(Backend::new(b, state)), carried)
                 }
             };
             members.push(member);
@@ -431,8 +431,15 @@ impl Owner {
     }
 
     /// A member for `backend` with a probe of its own, fresh (its first
-    /// check comes soon); none with `kind = "none"`, where it is always up.
-    fn member_for(&mut self, index: usize, count: usize, backend: Arc<Backend>) -> Member {
+    /// check comes soon) or from a `carried` verdict; none with
+    /// `kind = "none"`, where it is always up.
+    fn member_for(
+        &mut self,
+        index: usize,
+        count: usize,
+        backend: Arc<Backend>,
+        carried: Option<bool>,
+    ) -> Member {
         self.next_id += 1;
         let id = self.next_id;
         let config = &self.config;
@@ -453,6 +460,7 @@ impl Owner {
                 backend: backend.name.clone(),
                 addr: backend.addr,
                 report: backend.health.clone(),
+                carried,
             },
             settings.clone(),
             first_delay(index, count, settings.interval),

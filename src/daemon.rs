@@ -11,7 +11,9 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
 use crate::server::{Server, StartError};
+use crate::upgrade;
 use crate::service;
+use crate::upgrade::{TakeOver, Upgrade};
 use crate::watch::ConfigWatcher;
 
 /// Why the daemon stopped other than cleanly. Maps to the exit codes of the
@@ -30,6 +32,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("live upgrade: {0}")]
+    Upgrade(String),
     #[error("cannot watch {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -46,6 +50,7 @@ impl RunError {
             RunError::Start(_)
             | RunError::Signal(_)
             | RunError::Admin { .. }
+            | RunError::Upgrade(_)
             | RunError::Watch { .. } => 2,
         }
     }
@@ -67,6 +72,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(RunError::Signal)?;
+    // Started by a live upgrade: the old process waits on this socket.
+    let inherited = upgrade::inherited().map_err(RunError::Upgrade)?;
 
     let config = config::load_file(&options.config)?;
     let mut watcher = match options.watch {
@@ -78,17 +86,21 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         ),
         false => None,
     };
-    // The admin endpoint comes up first, so /healthz answers and /readyz
-    // says 503 while listeners are being bound.
     let mut server = Server::new();
     let token = config.admin.as_ref().and_then(|a| a.token.clone());
     let admin_ctx = AdminContext::new(server.directory(), server.metrics().clone(), token);
-    let admin = match &config.admin {
-        Some(a) => Some(start_admin(a.bind, &admin_ctx)?),
-        None => None,
+    let admin_bind = config.admin.as_ref().map(|a| a.bind);
+    let admin = match inherited {
+        None => {
+            // The admin endpoint comes up first, so /healthz answers and
+            // /readyz says 503 while listeners are being bound.
+            let admin = admin_bind.map(|bind| start_admin(bind, &admin_ctx)).transpose()?;
+            server.reload(config).await?;
+            server.metrics().record_reload(true);
+            admin
+        }
+        Some(sock) => take_over(sock, config, &mut server, admin_bind, &admin_ctx).await?,
     };
-    server.reload(config).await?;
-    server.metrics().record_reload(true);
     admin_ctx.set_ready(true);
     service::ready();
     let watchdog = service::spawn_watchdog();
@@ -99,6 +111,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         admin,
         path: options.config.clone(),
     };
+    let mut upgrading: Option<Upgrade> = None;
 
     loop {
         let file_changed = async {
@@ -112,6 +125,32 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
             _ = sigint.recv() => { info!(signal = "SIGINT", "stopping"); break }
             _ = sighup.recv() => { daemon.reload("SIGHUP").await; }
             () = file_changed => { daemon.reload("file change").await; }
+            _ = sigusr2.recv() => match upgrading {
+                Some(_) => warn!("SIGUSR2 during a live upgrade: ignored"),
+                None => match Upgrade::start() {
+                    Ok(u) => upgrading = Some(u),
+                    Err(reason) => daemon.upgrade_failed(&reason),
+                },
+            },
+            hello = hello_of(&mut upgrading) => {
+                let u = upgrading.take().expect("a hello comes from an upgrade");
+                match hello {
+                    Err(reason) => daemon.upgrade_failed(&reason),
+                    Ok(pid) => {
+                        info!(pid, "live upgrade: the new process is ready; handing over");
+                        match daemon.hand_over(u).await {
+                            Ok(()) => {
+                                if let Some(w) = watchdog {
+                                    w.abort();
+                                }
+                                info!("handed over; exiting");
+                                return Ok(());
+                            }
+                            Err(reason) => daemon.upgrade_failed(&reason),
+                        }
+                    }
+                }
+            }
         }
     }
     // Not ready from the first moment of shutdown: load balancers in front
@@ -137,6 +176,46 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The new process's start after a live upgrade: say hello, serve the
+/// listening sockets handed over (binding only what the config on disk
+/// added or moved), adopt the connections and counters, serve the admin
+/// endpoint on the old one's socket. Returns the admin server.
+async fn take_over(
+    sock: std::os::unix::net::UnixStream,
+    config: config::Config,
+    server: &mut Server,
+    admin_bind: Option<SocketAddr>,
+    admin_ctx: &Arc<AdminContext>,
+) -> Result<Option<AdminServer>, RunError> {
+    let mut takeover = TakeOver::hello(sock).map_err(RunError::Upgrade)?;
+    let sockets = takeover.listeners(server).await.map_err(RunError::Upgrade)?;
+    server.reload_inherited(config, sockets).await?;
+    let handed = takeover.rest(server).await.map_err(RunError::Upgrade)?;
+    let admin = match (admin_bind, handed) {
+        (None, _) => None,
+        (Some(bind), Some(l))
+            if l.local_addr().is_ok_and(|a| a == bind || (bind.port() == 0 && a.ip() == bind.ip())) =>
+        {
+            let serve = || -> std::io::Result<AdminServer> {
+                l.set_nonblocking(true)?;
+                AdminServer::serve_on(tokio::net::TcpListener::from_std(l)?, admin_ctx.clone())
+            };
+            Some(serve().map_err(|source| RunError::Admin { addr: bind, source })?)
+        }
+        (Some(bind), _) => Some(start_admin(bind, admin_ctx)?),
+    };
+    takeover.main_pid_sent().await;
+    Ok(admin)
+}
+
+/// An upgrade's hello, or never when none is under way.
+async fn hello_of(upgrading: &mut Option<Upgrade>) -> Result<u32, String> {
+    match upgrading {
+        Some(u) => u.hello().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn start_admin(bind: SocketAddr, ctx: &Arc<AdminContext>) -> Result<AdminServer, RunError> {
     AdminServer::start(bind, ctx.clone()).map_err(|source| RunError::Admin { addr: bind, source })
 }
@@ -150,6 +229,25 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Hand everything to an upgrade's new process (after its hello).
+    async fn hand_over(&mut self, upgrade: Upgrade) -> Result<(), String> {
+        let grace = self.server.config().shutdown_timeout;
+        let admin = &mut self.admin;
+        let stop_admin = async || {
+            let a = admin.take()?;
+            let fd = a.socket().try_clone_to_owned().ok();
+            a.stop().await;
+            fd
+        };
+        upgrade.hand_over(&mut self.server, grace, stop_admin).await.map(|_| ())
+    }
+
+    /// A live upgrade failed: log why and count it; this process serves on.
+    fn upgrade_failed(&self, reason: &str) {
+        error!(reason, "live upgrade failed; this process keeps serving");
+        self.server.metrics().record_upgrade(false);
+    }
+
     /// Reload and count the result.
     async fn reload(&mut self, trigger: &str) -> bool {
         service::reloading();

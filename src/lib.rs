@@ -53,6 +53,10 @@
 //! - `server` — binds listeners, hands each owner its config, applies a
 //!   reload (bind first, then reconfigure), shuts down gracefully.
 //! - `daemon` — the `run` command: config, server, signals.
+//! - `upgrade` — live upgrade (SIGUSR2): start the new executable, hand it
+//!   sockets, connections, backend state and counters over one inherited
+//!   Unix socket (`upgrade::wire`: frames with descriptors); `handover` is
+//!   the leaf switch that freezes established sessions for it.
 //! - `service` — systemd: sd_notify readiness/reload/stop, watchdog.
 //! - `watch` — `--watch`: reload when the config file changes.
 //! - `sockets` — every socket option in one place (socket2).
@@ -64,6 +68,7 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 mod discovery;
+mod handover;
 mod health;
 mod metrics;
 pub mod proxy;
@@ -74,4 +79,5 @@ mod service;
 mod sockets;
 mod sync;
 mod ticks;
+pub mod upgrade;
 mod watch;

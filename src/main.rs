@@ -62,6 +62,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Before anything could change the working directory: SIGUSR2 starts
+    // the file at this path (see `upgrade`).
+    switchyard::upgrade::remember_executable();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -40,6 +40,7 @@ pub mod names {
     pub const ACCEPT_PAUSED_TOTAL: &str = "switchyard_accept_paused_total";
     pub const DNS_LOOKUPS_TOTAL: &str = "switchyard_dns_lookups_total";
     pub const UDP_DATAGRAMS_TOTAL: &str = "switchyard_udp_datagrams_total";
+    pub const UPGRADES_TOTAL: &str = "switchyard_upgrades_total";
     pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
         "switchyard_config_last_reload_success_timestamp_seconds";
 }
@@ -97,7 +98,12 @@ pub struct Metrics {
     reloads: IntCounterVec,
     accept_paused: IntCounterVec,
     dns_lookups: IntCounterVec,
+    upgrades: IntCounterVec,
     last_reload_success: Gauge,
+    /// Histogram series carried from the process a live upgrade took over
+    /// from, added to the live ones whenever they are encoded (a
+    /// histogram cannot be set).
+    carried: Mutex<HashMap<SeriesId, HistogramValue>>,
     /// Live per-backend handle sets, so a backend that is re-added while its
     /// old incarnation still drains shares one set of series.
     backends: Mutex<HashMap<SeriesKey, Weak<BackendMetrics>>>,
@@ -110,6 +116,43 @@ pub struct Metrics {
 
 /// (listener, backend) label values of one backend's series.
 type SeriesKey = (Arc<str>, Arc<str>);
+
+/// A series by family name and label pairs (sorted by name, as gathered).
+type SeriesId = (String, Vec<(String, String)>);
+
+fn labels(m: &prometheus::proto::Metric) -> Vec<(String, String)> {
+    m.get_label()
+        .iter()
+        .map(|l| (l.name().to_owned(), l.value().to_owned()))
+        .collect()
+}
+
+fn series_id(family: &str, m: &prometheus::proto::Metric) -> SeriesId {
+    (family.to_owned(), labels(m))
+}
+
+/// One series as a live upgrade carries it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    pub family: String,
+    pub labels: Vec<(String, String)>,
+    pub value: CarriedValue,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum CarriedValue {
+    Counter(u64),
+    Histogram(HistogramValue),
+    Gauge(f64),
+}
+
+/// A histogram's count, sum and cumulative bucket counts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistogramValue {
+    pub count: u64,
+    pub sum: f64,
+    pub buckets: Vec<u64>,
+}
 
 const LB: &[&str] = &["listener", "backend"];
 
@@ -207,6 +250,11 @@ impl Metrics {
                 "Lookups of discovered names, by result (success, empty, failure).",
                 &["listener", "backend", "result"],
             ),
+            upgrades: counter(
+                UPGRADES_TOTAL,
+                "Live upgrades (SIGUSR2), by result, counted by the process that serves afterwards.",
+                &["result"],
+            ),
             last_reload_success: reg(
                 &registry,
                 Gauge::new(
@@ -216,6 +264,7 @@ impl Metrics {
                 .unwrap(),
             ),
             registry,
+            carried: Mutex::default(),
             backends: Mutex::default(),
             checks: Mutex::default(),
             lookups: Mutex::default(),
@@ -224,6 +273,7 @@ impl Metrics {
         // an increase that `increase()` (and the reload alert) can see.
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
+            metrics.upgrades.with_label_values(&[result]);
         }
         metrics
     }
@@ -232,9 +282,126 @@ impl Metrics {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode(&self.gather(), &mut out)
             .expect("encoding into memory cannot fail");
         out
+    }
+
+    /// Every family, carried histogram values included.
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.registry.gather();
+        let carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        if carried.is_empty() {
+            return families;
+        }
+        for family in &mut families {
+            if family.get_field_type() != prometheus::proto::MetricType::HISTOGRAM {
+                continue;
+            }
+            let name = family.name().to_owned();
+            for m in family.mut_metric() {
+                let Some(base) = carried.get(&series_id(&name, m)) else {
+                    continue;
+                };
+                let mut h = m.get_histogram().clone();
+                if h.get_bucket().len() != base.buckets.len() {
+                    continue;
+                }
+                h.set_sample_count(h.get_sample_count() + base.count);
+                h.set_sample_sum(h.get_sample_sum() + base.sum);
+                let mut buckets = h.get_bucket().to_vec();
+                for (b, add) in buckets.iter_mut().zip(&base.buckets) {
+                    b.set_cumulative_count(b.cumulative_count() + add);
+                }
+                h.set_bucket(buckets);
+                m.set_histogram(h);
+            }
+        }
+        families
+    }
+
+    /// Every counter and histogram series as it reads now, and the last
+    /// reload's time: what a live upgrade carries to the new process
+    /// (gauges of live state are rebuilt there).
+    pub fn snapshot(&self) -> Vec<Carried> {
+        use prometheus::proto::MetricType;
+        let mut out = Vec::new();
+        for family in self.gather() {
+            let name = family.name();
+            for m in family.get_metric() {
+                let value = match family.get_field_type() {
+                    MetricType::COUNTER => CarriedValue::Counter(m.get_counter().get_value() as u64),
+                    MetricType::HISTOGRAM => {
+                        let h = m.get_histogram();
+                        CarriedValue::Histogram(HistogramValue {
+                            count: h.get_sample_count(),
+                            sum: h.get_sample_sum(),
+                            buckets: h.get_bucket().iter().map(|b| b.cumulative_count()).collect(),
+                        })
+                    }
+                    MetricType::GAUGE if name == names::CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS => {
+                        CarriedValue::Gauge(m.get_gauge().get_value())
+                    }
+                    _ => continue,
+                };
+                out.push(Carried {
+                    family: name.to_owned(),
+                    labels: labels(m),
+                    value,
+                });
+            }
+        }
+        out
+    }
+
+    /// Go on from the values another process counted (live upgrade): each
+    /// counter series `keep` accepts (by its labels) is raised by its
+    /// carried value, each histogram series reads with its carried value
+    /// added. Applied once, before the first scrape.
+    pub fn carry(&self, series: Vec<Carried>, keep: impl Fn(&[(String, String)]) -> bool) {
+        use prometheus::core::Collector;
+        let counters: [&IntCounterVec; 11] = [
+            &self.connections,
+            &self.bytes,
+            &self.connect_errors,
+            &self.health_checks,
+            &self.rejected,
+            &self.http_requests,
+            &self.udp_datagrams,
+            &self.reloads,
+            &self.accept_paused,
+            &self.dns_lookups,
+            &self.upgrades,
+        ];
+        let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        for s in series.into_iter().filter(|s| keep(&s.labels)) {
+            match s.value {
+                CarriedValue::Counter(v) => {
+                    let labels: std::collections::HashMap<&str, &str> =
+                        s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let family = counters
+                        .iter()
+                        .find(|c| c.desc().first().is_some_and(|d| d.fq_name == s.family));
+                    if let Some(c) = family.and_then(|f| f.get_metric_with(&labels).ok()) {
+                        c.inc_by(v);
+                    }
+                }
+                CarriedValue::Histogram(h) => {
+                    carried.insert((s.family, s.labels), h);
+                }
+                CarriedValue::Gauge(v) => {
+                    if s.family == names::CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS {
+                        self.last_reload_success.set(v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Count a live upgrade's outcome.
+    pub fn record_upgrade(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.upgrades.with_label_values(&[result]).inc();
     }
 
     /// The handles of one backend, shared while any holder lives.
@@ -376,6 +543,11 @@ impl Metrics {
         }
         let (l, b) = (&*key.0, &*key.1);
         let _ = self.health_check_duration.remove_label_values(&[l, b]);
+        let id = (
+            names::HEALTH_CHECK_DURATION_SECONDS.to_owned(),
+            vec![("backend".to_owned(), b.to_owned()), ("listener".to_owned(), l.to_owned())],
+        );
+        self.carried.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         for r in ["success", "failure"] {
             let _ = self.health_checks.remove_label_values(&[l, b, r]);
         }
@@ -447,13 +619,13 @@ impl HttpCodes {
 
 impl Drop for HttpCodes {
     fn drop(&mut self) {
-        for (i, slot) in self.codes.iter().enumerate() {
-            if slot.get().is_some() {
-                let code = (i + 100).to_string();
-                let _ = self
-                    .family
-                    .remove_label_values(&[&*self.key.0, &*self.key.1, &code]);
-            }
+        // Every code, not only those counted here: a live upgrade may have
+        // carried others in.
+        for code in 100..600u16 {
+            let code = code.to_string();
+            let _ = self
+                .family
+                .remove_label_values(&[&*self.key.0, &*self.key.1, &code]);
         }
     }
 }
@@ -485,6 +657,12 @@ pub struct UdpDatagrams {
 }
 
 impl BackendMetrics {
+    /// The (listener, backend) its series are labelled with; `None` when
+    /// detached.
+    pub fn key(&self) -> Option<&(Arc<str>, Arc<str>)> {
+        self.owner.as_ref().map(|(_, k)| k)
+    }
+
     /// Datagram counters of this backend (UDP mode).
     pub fn udp(&self) -> &UdpDatagrams {
         self.udp.get_or_init(|| {

@@ -111,7 +111,7 @@ impl Server {
                 listeners: Vec::new(),
             },
             directory: Arc::default(),
-            registry: Arc::new(Registry::new(metrics.clone(), ctx.abort.clone())),
+            registry: Arc::new(Registry::new(metrics.clone(), ctx.handover.clone())),
             discovery: Discovery::default(),
             metrics,
             listeners: HashMap::new(),
@@ -132,6 +132,18 @@ impl Server {
     /// bound first: if one fails, the running config stays as it was. Open
     /// connections are never closed.
     pub async fn reload(&mut self, new: Config) -> Result<ReloadSummary, StartError> {
+        self.reload_inherited(new, HashMap::new()).await
+    }
+
+    /// [`reload`](Self::reload), serving a listener from the socket
+    /// `inherited` has under its name (a live upgrade's, bound by the old
+    /// process) where it fits: same mode, and the configured address, or
+    /// any port of the configured IP for port 0.
+    pub async fn reload_inherited(
+        &mut self,
+        new: Config,
+        mut inherited: HashMap<Arc<str>, Bound>,
+    ) -> Result<ReloadSummary, StartError> {
         let changes = reload::diff(&self.config, &new);
         let find = |name: &str| new.listeners.iter().find(|l| &*l.name == name).cloned();
 
@@ -144,11 +156,20 @@ impl Server {
             );
             if needs_socket {
                 let l = find(change.listener()).expect("diff names new listeners");
-                let socket = Bound::bind(&l).map_err(|source| StartError::Bind {
-                    listener: l.name.clone(),
-                    addr: l.bind,
-                    source,
-                })?;
+                let fitting = inherited.remove(&l.name).filter(|b| {
+                    b.fits(l.mode)
+                        && b.local_addr().is_ok_and(|a| {
+                            a == l.bind || (l.bind.port() == 0 && a.ip() == l.bind.ip())
+                        })
+                });
+                let socket = match fitting {
+                    Some(socket) => socket,
+                    None => Bound::bind(&l).map_err(|source| StartError::Bind {
+                        listener: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    })?,
+                };
                 sockets.insert(l.name.clone(), socket);
             }
         }
@@ -333,6 +354,82 @@ impl Server {
     pub fn queued(&self, listener: &str) -> Option<usize> {
         let route = self.listeners.get(listener)?.route.load();
         Some(route.shared.queue.waiting())
+    }
+
+    /// Every listener's socket and mode, for a live upgrade to hand over.
+    pub fn sockets(&self) -> Vec<(Arc<str>, crate::config::Mode, std::os::fd::BorrowedFd<'_>)> {
+        self.config
+            .listeners
+            .iter()
+            .filter_map(|c| {
+                let l = self.listeners.get(&c.name)?;
+                Some((c.name.clone(), c.mode, l.frontend.socket()?))
+            })
+            .collect()
+    }
+
+    /// Stop accepting on every listener, keeping the sockets open (the
+    /// kernel queues new clients in their backlog until another process
+    /// accepts them). Health checks go on: connections still being placed
+    /// here use them.
+    pub async fn stop_accepting(&mut self) {
+        for l in self.listeners.values_mut() {
+            l.frontend.stop().await;
+        }
+    }
+
+    /// Every (listener, backend) name pair of the current pools.
+    pub fn backend_names(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        let mut v = Vec::new();
+        for (name, l) in &self.listeners {
+            for b in &l.route.load().pool.backends {
+                v.push((name.clone(), b.name.clone()));
+            }
+        }
+        v
+    }
+
+    /// The live state of every backend, by (listener, name).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// What every connection task shares (the handover switch, the
+    /// tracker).
+    pub fn context(&self) -> &ConnContext {
+        &self.ctx
+    }
+
+    /// Go on serving a tcp-mode connection a live upgrade handed over, on
+    /// its listener and backend here; given back if there is no such
+    /// listener or backend now (the config changed on disk).
+    pub fn adopt(&self, frozen: crate::handover::FrozenTcp) -> Result<(), crate::handover::FrozenTcp> {
+        let Some(l) = self.listeners.get(&frozen.listener) else {
+            return Err(frozen);
+        };
+        let route = l.route.load_full();
+        if route.settings.mode != crate::config::Mode::Tcp {
+            return Err(frozen);
+        }
+        let Some(backend) = route
+            .pool
+            .backends
+            .iter()
+            .find(|b| b.name == frozen.backend)
+            .cloned()
+        else {
+            return Err(frozen);
+        };
+        let open = route.shared.open.enter();
+        let span = tracing::debug_span!("conn", listener = %route.settings.name, adopted = true);
+        match crate::proxy::tcp::adopt(frozen, &route, &backend, open) {
+            Ok(conn) => {
+                use tracing::Instrument;
+                self.ctx.tracker.spawn(conn.instrument(span));
+            }
+            Err(e) => warn!(listener = %route.settings.name, error = %e, "a handed-over connection could not be adopted"),
+        }
+        Ok(())
     }
 
     /// Stop accepting at once, let open connections finish for up to `grace`,

@@ -33,6 +33,12 @@ pub fn reloading() {
     }
 }
 
+/// A live upgrade's new process (`pid`) has taken over: systemd follows
+/// it as the service's main process (sent by the old one, which still is).
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
 /// Shutdown has begun.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

@@ -36,6 +36,16 @@ impl Default for Hysteresis {
 }
 
 impl Hysteresis {
+    /// A verdict already reached elsewhere (by the process a live upgrade
+    /// took over from): no first-check shortcut, rise and fall from here.
+    pub fn carried(up: bool) -> Hysteresis {
+        Hysteresis {
+            up,
+            probed: true,
+            ..Hysteresis::default()
+        }
+    }
+
     /// Record one probe result; returns the flip it causes, if any.
     pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Flip> {
         let first = !self.probed;

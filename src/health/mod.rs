@@ -171,6 +171,10 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Where the task records each check for the status API.
     pub report: Arc<HealthReport>,
+    /// The verdict carried from the process this one took over from (live
+    /// upgrade): probing goes on from it, so a backend that was down
+    /// stays down until `rise` checks pass. `None`: judged afresh.
+    pub carried: Option<bool>,
 }
 
 /// A running probe task; stopped when dropped.
@@ -220,7 +224,7 @@ async fn run(
 ) {
     let mut current = settings.borrow_and_update().clone();
     let mut probe = probe_for(&current);
-    let mut hysteresis = Hysteresis::default();
+    let mut hysteresis = target.carried.map_or_else(Hysteresis::default, Hysteresis::carried);
     let mut ticks = schedule(Instant::now() + first_delay, current.interval);
     loop {
         tokio::select! {
@@ -347,6 +351,7 @@ mod tests {
             backend: "b".into(),
             addr,
             report: Arc::default(),
+            carried: None,
         };
         let handle = spawn(
             target,
@@ -377,6 +382,7 @@ mod tests {
             backend: "b".into(),
             addr: listener.local_addr().unwrap(),
             report: Arc::default(),
+            carried: None,
         };
         let metrics = Arc::new(CheckMetrics::detached());
         let handle = spawn(

@@ -20,6 +20,7 @@ pub(crate) mod tcp;
 pub(crate) mod udp;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use hyper::header::HeaderValue;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::Backend;
 use crate::balancer::Pool;
 use crate::config::{ListenerConfig, Mode};
+use crate::handover::Handover;
 use crate::metrics::ListenerMetrics;
 use crate::sync::Tripwire;
 
@@ -156,14 +158,19 @@ pub struct ConnContext {
     pub draining: Tripwire,
     /// Tripped when open connections must be cut (end of shutdown grace).
     pub abort: Tripwire,
+    /// Freezes established tcp-mode sessions for a live upgrade (and cuts
+    /// them when `abort` trips: its sessions wire is `abort`'s child).
+    pub handover: Arc<Handover>,
 }
 
 impl Default for ConnContext {
     fn default() -> Self {
+        let abort = Tripwire::new();
         ConnContext {
             tracker: TaskTracker::new(),
             draining: Tripwire::new(),
-            abort: Tripwire::new(),
+            handover: Handover::under(&abort),
+            abort,
         }
     }
 }
@@ -191,6 +198,32 @@ impl Bound {
         }
     }
 
+    /// A socket handed over by the process this one took over from (live
+    /// upgrade), for a listener of `mode`; its options are as that
+    /// process set them.
+    pub fn inherited(mode: Mode, fd: OwnedFd) -> std::io::Result<Bound> {
+        Ok(match mode {
+            Mode::Udp => {
+                let s = std::net::UdpSocket::from(fd);
+                s.set_nonblocking(true)?;
+                Bound::Udp(UdpSocket::from_std(s)?)
+            }
+            Mode::Tcp | Mode::Http => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Bound::Tcp(TcpListener::from_std(l)?)
+            }
+        })
+    }
+
+    /// Whether this socket serves a listener of `mode`.
+    pub fn fits(&self, mode: Mode) -> bool {
+        matches!(
+            (self, mode),
+            (Bound::Udp(_), Mode::Udp) | (Bound::Tcp(_), Mode::Tcp | Mode::Http)
+        )
+    }
+
     /// The address actually bound (port 0 resolved).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
@@ -203,12 +236,18 @@ impl Bound {
     pub fn serve(self, route: Arc<arc_swap::ArcSwap<Route>>, ctx: &ConnContext) -> Frontend {
         let stop = Tripwire::new();
         let local_addr = self.local_addr().ok();
+        // A second descriptor of the socket, for a live upgrade to hand over.
+        let socket = match &self {
+            Bound::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            Bound::Udp(s) => s.as_fd().try_clone_to_owned(),
+        };
         let task = match self {
             Bound::Tcp(l) => tokio::spawn(accept::accept_loop(l, route, stop.clone(), ctx.clone())),
             Bound::Udp(s) => tokio::spawn(udp::serve(s, route, stop.clone(), ctx.clone())),
         };
         Frontend {
             local_addr,
+            socket: socket.ok(),
             stop,
             task,
         }
@@ -219,6 +258,9 @@ impl Bound {
 #[derive(Debug)]
 pub struct Frontend {
     pub local_addr: Option<SocketAddr>,
+    /// The listening socket (a duplicate of the serving task's), kept for
+    /// a live upgrade.
+    socket: Option<OwnedFd>,
     stop: Tripwire,
     task: JoinHandle<()>,
 }
@@ -227,6 +269,11 @@ impl Frontend {
     /// Stop accepting now, without waiting.
     pub fn trip(&self) {
         self.stop.trip();
+    }
+
+    /// The listening socket, for a live upgrade to hand over.
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
+        self.socket.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Stop accepting and wait until the socket is closed.

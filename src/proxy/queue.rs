@@ -79,6 +79,16 @@ impl Queue {
             })
     }
 
+    /// A slot on `backend` whatever its cap: for a connection that a live
+    /// upgrade hands over, which held one in the old process already.
+    pub fn adopt_slot(self: &Arc<Self>, backend: &Backend) -> Slot {
+        backend.state.try_take_slot(None);
+        Slot {
+            guard: backend.state.enter(),
+            queue: self.clone(),
+        }
+    }
+
     /// Take a slot with `pick`, queuing behind earlier waiters when needed;
     /// `Err(Busy::Capped)` once `deadline` passes.
     pub async fn acquire(

@@ -34,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 use super::splice::Pipe;
 use crate::backend::BackendState;
 use crate::config::Keepalive;
+use crate::handover::Pending;
 use std::os::fd::AsRawFd;
 
 /// Read size while data flows. 64 KiB matches the kernel's default maximum
@@ -67,6 +68,9 @@ impl PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
+        if buf.len() != BUF_SIZE {
+            return; // bytes a live upgrade carried in: not the pool's size
+        }
         BUFFERS.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < POOL_KEEP {
@@ -138,6 +142,27 @@ impl Relay {
         }
     }
 
+    /// A relay taken over from another process (live upgrade): each
+    /// direction starts with the bytes that process had read and not yet
+    /// written, or ended as it had; idle from now.
+    pub fn resume(idle: Duration, keepalive: Option<Keepalive>, c2b: Pending, b2c: Pending) -> Relay {
+        let mut relay = Relay::new(idle, keepalive);
+        relay.c2b = Half::resumed(c2b);
+        relay.b2c = Half::resumed(b2c);
+        relay
+    }
+
+    /// Take the relay's state out for a handover: per direction the bytes
+    /// read and not yet written (from its buffer or its pipe), in order,
+    /// and whether it has ended; and whether the backend's keepalive is
+    /// still to be set. The relay is spent afterwards.
+    pub fn freeze(self: Pin<&mut Self>) -> io::Result<(Pending, Pending, bool)> {
+        let this = self.project();
+        let c2b = this.c2b.freeze()?;
+        let b2c = this.b2c.freeze()?;
+        Ok((c2b, b2c, this.keepalive.is_some()))
+    }
+
     pub fn poll_relay(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -201,6 +226,39 @@ struct Half {
 }
 
 impl Half {
+    /// A direction that starts with `pending` (a live upgrade's carried
+    /// bytes), on the copy path.
+    fn resumed(pending: Pending) -> Half {
+        let len = pending.bytes.len() as u32;
+        Half {
+            buf: (len > 0).then(|| PooledBuf(pending.bytes.into_boxed_slice())),
+            len,
+            drained: true,
+            done: pending.done,
+            ..Half::default()
+        }
+    }
+
+    /// What this direction holds, taken out (see [`Relay::freeze`]). At
+    /// most one of buffer and pipe holds bytes: a read only follows once
+    /// both are empty.
+    fn freeze(&mut self) -> io::Result<Pending> {
+        let mut bytes = Vec::new();
+        if let Some(buf) = self.buf.take() {
+            bytes.extend_from_slice(&buf.0[self.pos as usize..self.len as usize]);
+        }
+        if let Some(pipe) = self.pipe.take()
+            && self.in_pipe > 0
+        {
+            bytes.extend(pipe.read_out(self.in_pipe as usize)?);
+        }
+        (self.pos, self.len, self.in_pipe) = (0, 0, 0);
+        Ok(Pending {
+            bytes,
+            done: self.done,
+        })
+    }
+
     /// Move bytes until `src` would block (Pending) or has ended (Ready).
     /// `other_done`: the other direction has ended already, so the relay
     /// ends with this one and closing the sockets says the rest.

@@ -72,6 +72,20 @@ impl Pipe {
         splice(src, self.write.as_raw_fd(), PIPE_BYTES)
     }
 
+    /// Read the `len` bytes the pipe holds into memory (a live upgrade
+    /// carries them to the new process). The pipe is not reused after.
+    pub fn read_out(self, len: usize) -> io::Result<Vec<u8>> {
+        let mut out = vec![0; len];
+        let mut at = 0;
+        while at < len {
+            match rustix::io::read(&self.read, &mut out[at..])? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => at += n,
+            }
+        }
+        Ok(out)
+    }
+
     /// Move up to `len` bytes from the pipe into socket `dst`.
     pub fn drain_into(&self, dst: RawFd, len: usize) -> io::Result<usize> {
         splice(self.read.as_raw_fd(), dst, len)

@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,7 +29,9 @@ use super::connect::{self, Reached};
 use super::proxy_protocol;
 use super::queue::{Open, Slot};
 use super::relay::{End, Relay};
+use crate::backend::Backend;
 use crate::config::ProxyProtocol;
+use crate::handover::FrozenTcp;
 use crate::sockets;
 use crate::sync::{Tripped, Tripwire};
 
@@ -143,6 +146,7 @@ async fn place(
 
 pin_project! {
     /// An established connection: what it holds while the bytes flow.
+    #[project = SessionProj]
     pub struct Session {
         #[pin]
         relay: Relay,
@@ -164,7 +168,13 @@ impl Session {
     fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<&'static str> {
         let mut this = self.project();
         let end = if this.cut.as_mut().poll(cx).is_ready() {
-            match this.cut.wire().parent_tripped() {
+            let parent = this.cut.wire().parent_tripped();
+            if parent && this.slot.guard().state().handover().is_active() {
+                // A live upgrade takes it: no FIN, no duration yet (the
+                // new process observes the whole lifetime).
+                return Poll::Ready(hand_over(this));
+            }
+            match parent {
                 true => "cut by shutdown",
                 false => "cut: backend marked down",
             }
@@ -185,6 +195,74 @@ impl Session {
         this.duration.observe(this.started.elapsed().as_secs_f64());
         Poll::Ready(end)
     }
+}
+
+/// Take an established session out of its task for a live upgrade and
+/// give it to the handover: its sockets (duplicated: closing the task's own
+/// copies then sends nothing) and the bytes its relay holds.
+fn hand_over(this: SessionProj<'_>) -> &'static str {
+    let state = this.slot.guard().state();
+    let frozen = (|| {
+        let (listener, backend) = state
+            .metrics
+            .key()
+            .cloned()
+            .ok_or_else(|| std::io::Error::other("a backend with no name"))?;
+        let (c2b, b2c, keepalive_pending) = this.relay.freeze()?;
+        std::io::Result::Ok(FrozenTcp {
+            listener,
+            backend,
+            client: this.client.as_fd().try_clone_to_owned()?,
+            upstream: this.upstream.as_fd().try_clone_to_owned()?,
+            c2b,
+            b2c,
+            age: this.started.elapsed(),
+            keepalive_pending,
+        })
+    })();
+    match frozen {
+        Ok(frozen) => match state.handover().give(frozen) {
+            true => "handed over",
+            false => "closed: the handover ended before it was taken",
+        },
+        Err(e) => {
+            debug!(error = %e, "freezing for the handover failed");
+            "error"
+        }
+    }
+}
+
+/// A connection handed over by the process this one took over from: it
+/// relays on from the carried bytes, on its backend's live state here,
+/// counted as open on its listener (not as a new connection: the
+/// counters came with the metrics).
+pub fn adopt(
+    frozen: FrozenTcp,
+    route: &Route,
+    backend: &Backend,
+    open: Open,
+) -> std::io::Result<Connection> {
+    let stream = |fd: OwnedFd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        TcpStream::from_std(s)
+    };
+    let settings = &route.settings;
+    let keepalive = settings.keepalive.filter(|_| frozen.keepalive_pending);
+    Ok(Connection::Relaying {
+        session: Session {
+            relay: Relay::resume(settings.idle_timeout, keepalive, frozen.c2b, frozen.b2c),
+            client: stream(frozen.client)?,
+            upstream: stream(frozen.upstream)?,
+            cut: backend.state.cut_signal().tripped(),
+            duration: route.shared.metrics.connection_duration.clone(),
+            started: Instant::now()
+                .checked_sub(frozen.age)
+                .unwrap_or_else(Instant::now),
+            slot: route.shared.queue.adopt_slot(backend),
+            _open: open,
+        },
+    })
 }
 
 /// Connect to the first candidate that answers and is below its cap.
