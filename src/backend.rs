@@ -224,7 +224,9 @@ impl BackendState {
     /// Close every connection that holds a [`cut_signal`](Self::cut_signal)
     /// taken before now; later connections are unaffected.
     pub fn cut_connections(&self) {
-        self.cut.swap(Arc::new(self.handover.sessions().child())).trip();
+        self.cut
+            .swap(Arc::new(self.handover.sessions().child()))
+            .trip();
     }
 
     /// The server's handover switch (a session woken by its cut wire asks

@@ -11,8 +11,8 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
 use crate::server::{Server, StartError};
-use crate::upgrade;
 use crate::service;
+use crate::upgrade;
 use crate::upgrade::{TakeOver, Upgrade};
 use crate::watch::ConfigWatcher;
 
@@ -94,7 +94,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         None => {
             // The admin endpoint comes up first, so /healthz answers and
             // /readyz says 503 while listeners are being bound.
-            let admin = admin_bind.map(|bind| start_admin(bind, &admin_ctx)).transpose()?;
+            let admin = admin_bind
+                .map(|bind| start_admin(bind, &admin_ctx))
+                .transpose()?;
             server.reload(config).await?;
             server.metrics().record_reload(true);
             admin
@@ -188,13 +190,17 @@ async fn take_over(
     admin_ctx: &Arc<AdminContext>,
 ) -> Result<Option<AdminServer>, RunError> {
     let mut takeover = TakeOver::hello(sock).map_err(RunError::Upgrade)?;
-    let sockets = takeover.listeners(server).await.map_err(RunError::Upgrade)?;
+    let sockets = takeover
+        .listeners(server)
+        .await
+        .map_err(RunError::Upgrade)?;
     server.reload_inherited(config, sockets).await?;
     let handed = takeover.rest(server).await.map_err(RunError::Upgrade)?;
     let admin = match (admin_bind, handed) {
         (None, _) => None,
         (Some(bind), Some(l))
-            if l.local_addr().is_ok_and(|a| a == bind || (bind.port() == 0 && a.ip() == bind.ip())) =>
+            if l.local_addr()
+                .is_ok_and(|a| a == bind || (bind.port() == 0 && a.ip() == bind.ip())) =>
         {
             let serve = || -> std::io::Result<AdminServer> {
                 l.set_nonblocking(true)?;
@@ -239,13 +245,17 @@ impl Daemon {
             a.stop().await;
             fd
         };
-        upgrade.hand_over(&mut self.server, grace, stop_admin).await.map(|_| ())
+        upgrade
+            .hand_over(&mut self.server, grace, stop_admin)
+            .await
+            .map(|_| ())
     }
 
     /// A live upgrade failed: log why and count it; this process serves on.
     fn upgrade_failed(&self, reason: &str) {
-        error!(reason, "live upgrade failed; this process keeps serving");
+        // Counted before it is logged, as reloads are.
         self.server.metrics().record_upgrade(false);
+        error!(reason, "live upgrade failed; this process keeps serving");
     }
 
     /// Reload and count the result.

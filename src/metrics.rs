@@ -330,16 +330,24 @@ impl Metrics {
             let name = family.name();
             for m in family.get_metric() {
                 let value = match family.get_field_type() {
-                    MetricType::COUNTER => CarriedValue::Counter(m.get_counter().get_value() as u64),
+                    MetricType::COUNTER => {
+                        CarriedValue::Counter(m.get_counter().get_value() as u64)
+                    }
                     MetricType::HISTOGRAM => {
                         let h = m.get_histogram();
                         CarriedValue::Histogram(HistogramValue {
                             count: h.get_sample_count(),
                             sum: h.get_sample_sum(),
-                            buckets: h.get_bucket().iter().map(|b| b.cumulative_count()).collect(),
+                            buckets: h
+                                .get_bucket()
+                                .iter()
+                                .map(|b| b.cumulative_count())
+                                .collect(),
                         })
                     }
-                    MetricType::GAUGE if name == names::CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS => {
+                    MetricType::GAUGE
+                        if name == names::CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS =>
+                    {
                         CarriedValue::Gauge(m.get_gauge().get_value())
                     }
                     _ => continue,
@@ -377,8 +385,11 @@ impl Metrics {
         for s in series.into_iter().filter(|s| keep(&s.labels)) {
             match s.value {
                 CarriedValue::Counter(v) => {
-                    let labels: std::collections::HashMap<&str, &str> =
-                        s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let labels: std::collections::HashMap<&str, &str> = s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     let family = counters
                         .iter()
                         .find(|c| c.desc().first().is_some_and(|d| d.fq_name == s.family));
@@ -545,9 +556,15 @@ impl Metrics {
         let _ = self.health_check_duration.remove_label_values(&[l, b]);
         let id = (
             names::HEALTH_CHECK_DURATION_SECONDS.to_owned(),
-            vec![("backend".to_owned(), b.to_owned()), ("listener".to_owned(), l.to_owned())],
+            vec![
+                ("backend".to_owned(), b.to_owned()),
+                ("listener".to_owned(), l.to_owned()),
+            ],
         );
-        self.carried.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         for r in ["success", "failure"] {
             let _ = self.health_checks.remove_label_values(&[l, b, r]);
         }

@@ -114,7 +114,8 @@ impl Registry {
         let state = match inner.retired.remove(&key).and_then(|w| w.upgrade()) {
             Some(state) => state,
             None => {
-                let state = BackendState::new(self.metrics.backend(listener, backend), &self.handover);
+                let state =
+                    BackendState::new(self.metrics.backend(listener, backend), &self.handover);
                 if let Some(seed) = inner.seeds.remove(&key) {
                     state.set_up(seed.up);
                     state.set_admin_state(seed.admin);

@@ -401,35 +401,35 @@ impl Server {
     }
 
     /// Go on serving a tcp-mode connection a live upgrade handed over, on
-    /// its listener and backend here; given back if there is no such
-    /// listener or backend now (the config changed on disk).
-    pub fn adopt(&self, frozen: crate::handover::FrozenTcp) -> Result<(), crate::handover::FrozenTcp> {
+    /// its listener and backend here; false (and it is closed) if there is
+    /// no such tcp listener or backend now (the config changed on disk).
+    pub fn adopt(&self, frozen: crate::handover::FrozenTcp) -> bool {
         let Some(l) = self.listeners.get(&frozen.listener) else {
-            return Err(frozen);
+            return false;
         };
         let route = l.route.load_full();
-        if route.settings.mode != crate::config::Mode::Tcp {
-            return Err(frozen);
-        }
-        let Some(backend) = route
+        let backend = route
             .pool
             .backends
             .iter()
-            .find(|b| b.name == frozen.backend)
-            .cloned()
+            .find(|b| b.name == frozen.backend);
+        let Some(backend) = backend.filter(|_| route.settings.mode == crate::config::Mode::Tcp)
         else {
-            return Err(frozen);
+            return false;
         };
         let open = route.shared.open.enter();
         let span = tracing::debug_span!("conn", listener = %route.settings.name, adopted = true);
-        match crate::proxy::tcp::adopt(frozen, &route, &backend, open) {
+        match crate::proxy::tcp::adopt(frozen, &route, backend, open) {
             Ok(conn) => {
                 use tracing::Instrument;
                 self.ctx.tracker.spawn(conn.instrument(span));
+                true
             }
-            Err(e) => warn!(listener = %route.settings.name, error = %e, "a handed-over connection could not be adopted"),
+            Err(e) => {
+                warn!(listener = %route.settings.name, error = %e, "a handed-over connection could not be adopted");
+                false
+            }
         }
-        Ok(())
     }
 
     /// Stop accepting at once, let open connections finish for up to `grace`,

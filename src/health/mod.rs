@@ -224,7 +224,9 @@ async fn run(
 ) {
     let mut current = settings.borrow_and_update().clone();
     let mut probe = probe_for(&current);
-    let mut hysteresis = target.carried.map_or_else(Hysteresis::default, Hysteresis::carried);
+    let mut hysteresis = target
+        .carried
+        .map_or_else(Hysteresis::default, Hysteresis::carried);
     let mut ticks = schedule(Instant::now() + first_delay, current.interval);
     loop {
         tokio::select! {

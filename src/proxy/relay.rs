@@ -145,7 +145,12 @@ impl Relay {
     /// A relay taken over from another process (live upgrade): each
     /// direction starts with the bytes that process had read and not yet
     /// written, or ended as it had; idle from now.
-    pub fn resume(idle: Duration, keepalive: Option<Keepalive>, c2b: Pending, b2c: Pending) -> Relay {
+    pub fn resume(
+        idle: Duration,
+        keepalive: Option<Keepalive>,
+        c2b: Pending,
+        b2c: Pending,
+    ) -> Relay {
         let mut relay = Relay::new(idle, keepalive);
         relay.c2b = Half::resumed(c2b);
         relay.b2c = Half::resumed(b2c);

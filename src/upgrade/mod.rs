@@ -63,7 +63,9 @@ const ADOPT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ToNew {
     Backends(Vec<Seed>),
     /// A listening socket (one descriptor) of the named listener.
-    Listener { name: String },
+    Listener {
+        name: String,
+    },
     /// Every listening socket has been sent.
     ListenersDone,
     /// An established tcp-mode connection: descriptors client, backend;
@@ -248,17 +250,18 @@ impl Upgrade {
             status = self.child.wait() => Err(format!("the new process exited ({status:?}) while taking over")),
             () = tokio::time::sleep(ADOPT_TIMEOUT) => Err("the new process did not confirm within 30 s".into()),
         }?;
-        let pid = self
-            .child
-            .id()
-            .ok_or("the new process is gone")?;
+        let pid = self.child.id().ok_or("the new process is gone")?;
         crate::service::main_pid(pid);
         let _ = send(Frame::new(ToNew::MainPidSent));
         // The sender thread flushes and shuts the socket down when the
         // link is dropped; wait for the new process to read it all.
         drop(self.link.tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.link.rx.recv()).await;
-        info!(pid, connections = adopted, "live upgrade: the new process has taken over");
+        info!(
+            pid,
+            connections = adopted,
+            "live upgrade: the new process has taken over"
+        );
         Ok(pid)
     }
 }
@@ -334,7 +337,10 @@ impl TakeOver {
     }
 
     /// Backend states and listening sockets, up to `ListenersDone`.
-    pub async fn listeners(&mut self, server: &Server) -> Result<HashMap<std::sync::Arc<str>, Bound>, String> {
+    pub async fn listeners(
+        &mut self,
+        server: &Server,
+    ) -> Result<HashMap<std::sync::Arc<str>, Bound>, String> {
         let mut sockets = HashMap::new();
         loop {
             let mut frame = self.next().await?;
@@ -343,7 +349,8 @@ impl TakeOver {
                 ToNew::Listener { name } => {
                     let fd = frame.fds.pop().ok_or("a listener without its socket")?;
                     let mode = server_mode_of(&fd);
-                    let bound = Bound::inherited(mode, fd).map_err(|e| format!("listener {name}: {e}"))?;
+                    let bound =
+                        Bound::inherited(mode, fd).map_err(|e| format!("listener {name}: {e}"))?;
                     sockets.insert(name.into(), bound);
                 }
                 ToNew::ListenersDone => return Ok(sockets),
@@ -384,8 +391,14 @@ impl TakeOver {
                         backend: backend.into(),
                         client,
                         upstream,
-                        c2b: Pending { bytes: c2b, done: c2b_done },
-                        b2c: Pending { bytes: b2c, done: b2c_done },
+                        c2b: Pending {
+                            bytes: c2b,
+                            done: c2b_done,
+                        },
+                        b2c: Pending {
+                            bytes: b2c,
+                            done: b2c_done,
+                        },
                         age: Duration::from_millis(age_ms),
                         keepalive_pending,
                     });
@@ -406,17 +419,23 @@ impl TakeOver {
         let count = connections.len();
         let mut lost = 0;
         for c in connections {
-            if let Err(c) = server.adopt(c) {
+            let (listener, backend) = (c.listener.clone(), c.backend.clone());
+            if !server.adopt(c) {
                 // The config on disk no longer has its listener or backend.
-                warn!(listener = %c.listener, backend = %c.backend, "a handed-over connection has no backend here; closed");
+                warn!(%listener, %backend, "a handed-over connection has no place here; closed");
                 lost += 1;
             }
         }
         server.metrics().record_upgrade(true);
-        info!(connections = count - lost, lost, "live upgrade: connections adopted");
+        info!(
+            connections = count - lost,
+            lost, "live upgrade: connections adopted"
+        );
         self.link
             .tx
-            .send(Frame::new(ToOld::Adopted { connections: count - lost }))
+            .send(Frame::new(ToOld::Adopted {
+                connections: count - lost,
+            }))
             .map_err(|_| "handover socket closed".to_string())?;
         Ok(admin)
     }
@@ -424,7 +443,10 @@ impl TakeOver {
     /// Wait until the old process has told systemd about this one.
     pub async fn main_pid_sent(mut self) {
         match self.next().await {
-            Ok(Frame { msg: ToNew::MainPidSent, .. }) => {}
+            Ok(Frame {
+                msg: ToNew::MainPidSent,
+                ..
+            }) => {}
             Ok(f) => warn!(msg = ?f.msg, "live upgrade: unexpected message at the end"),
             Err(e) => warn!(error = %e, "live upgrade: the old process left without a word"),
         }

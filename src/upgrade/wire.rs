@@ -47,7 +47,10 @@ impl<M> Frame<M> {
 /// Write one frame.
 pub fn send<M: Serialize>(sock: &mut UnixStream, frame: &Frame<M>) -> io::Result<()> {
     let json = serde_json::to_vec(&frame.msg)?;
-    assert!(frame.fds.len() <= MAX_FDS, "a frame carries at most {MAX_FDS} descriptors");
+    assert!(
+        frame.fds.len() <= MAX_FDS,
+        "a frame carries at most {MAX_FDS} descriptors"
+    );
     let mut head = [0u8; HEAD];
     head[0..4].copy_from_slice(&(json.len() as u32).to_le_bytes());
     head[4..8].copy_from_slice(&(frame.data.len() as u32).to_le_bytes());
@@ -58,7 +61,12 @@ pub fn send<M: Serialize>(sock: &mut UnixStream, frame: &Frame<M>) -> io::Result
     if !fds.is_empty() {
         control.push(SendAncillaryMessage::ScmRights(&fds));
     }
-    let mut sent = rustix::net::sendmsg(&*sock, &[IoSlice::new(&head)], &mut control, SendFlags::NOSIGNAL)?;
+    let mut sent = rustix::net::sendmsg(
+        &*sock,
+        &[IoSlice::new(&head)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     if sent < HEAD {
         // The descriptors went with the first byte; the rest is plain.
         sock.write_all(&head[sent..])?;
@@ -102,7 +110,10 @@ pub fn recv<M: DeserializeOwned>(sock: &mut UnixStream) -> io::Result<Option<Fra
     if json_len > MAX_LEN || data_len > MAX_LEN || nfds as usize != fds.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("bad frame: {json_len} + {data_len} bytes, {} of {nfds} descriptors", fds.len()),
+            format!(
+                "bad frame: {json_len} + {data_len} bytes, {} of {nfds} descriptors",
+                fds.len()
+            ),
         ));
     }
     let mut json = vec![0; json_len as usize];
@@ -180,7 +191,9 @@ mod tests {
                 let frame = Frame {
                     msg: format!("m{i}"),
                     data: payload.clone(),
-                    fds: (0..i).map(|_| p.as_fd().try_clone_to_owned().unwrap()).collect(),
+                    fds: (0..i)
+                        .map(|_| p.as_fd().try_clone_to_owned().unwrap())
+                        .collect(),
                 };
                 send(&mut a, &frame).unwrap();
             }

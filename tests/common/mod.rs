@@ -437,6 +437,9 @@ pub async fn start_server(toml: &str) -> Server {
 /// The daemon binary, running.
 pub struct Daemon {
     child: Option<Child>,
+    /// `pid` is not our child but was reparented to this process (it was
+    /// started by a live upgrade): reaped with `waitpid`.
+    adopted: bool,
     pub pid: u32,
     /// The config file it runs on.
     pub path: PathBuf,
@@ -467,10 +470,16 @@ impl Daemon {
 
     /// Same, with extra environment variables.
     pub fn start_env(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Self::start_exe(&binary(), toml, args, envs)
+    }
+
+    /// Same, running the executable at `exe` (live upgrades start the file
+    /// at that path).
+    pub fn start_exe(exe: &Path, toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(binary())
+        let mut child = Command::new(exe)
             .args(["run", "--config"])
             .arg(&path)
             .args(args)
@@ -494,6 +503,7 @@ impl Daemon {
         let mut daemon = Daemon {
             pid: child.id(),
             child: Some(child),
+            adopted: false,
             path,
             listeners: HashMap::new(),
             admin: None,
@@ -508,11 +518,22 @@ impl Daemon {
     /// Read log lines until one satisfies `pred`, and return it. Listener
     /// addresses logged on the way are recorded.
     pub fn log_until(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        self.log_until_for(DEADLINE, pred)
+    }
+
+    /// [`log_until`](Self::log_until) with a deadline of its own.
+    pub fn log_until_for(&mut self, deadline: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let end = std::time::Instant::now() + deadline;
         loop {
             let line = self
                 .stderr
-                .recv_timeout(DEADLINE)
-                .expect("expected log line did not come before the deadline");
+                .recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "expected log line did not come before the deadline ({e}); last lines:\n{}",
+                        self.raw[self.raw.len().saturating_sub(15)..].join("\n")
+                    )
+                });
             self.raw.push(line.clone());
             // JSON logs: match on the same text a text log line would show.
             let line = match serde_json::from_str::<serde_json::Value>(&line) {
@@ -587,8 +608,28 @@ impl Daemon {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// SIGUSR2, then wait until the new process has taken over and the
+    /// old one has exited; the old one's exit code. From then on this
+    /// daemon is the new process (which this test process reaps: see
+    /// [`become_subreaper`]).
+    pub fn upgrade(&mut self) -> i32 {
+        self.signal("USR2");
+        let line = self.log_until(|l| {
+            l.contains("the new process has taken over") || l.contains("live upgrade failed")
+        });
+        assert!(line.contains("taken over"), "upgrade failed: {line}");
+        let new: u32 = field(&line, "pid").parse().unwrap();
+        assert_ne!(new, self.pid, "the new process has a new pid");
+        let code = self.wait_exit();
+        (self.pid, self.adopted) = (new, true);
+        code
+    }
+
     /// Wait for the process to exit and return its exit code.
     pub fn wait_exit(&mut self) -> i32 {
+        if self.adopted {
+            return reap(self.pid);
+        }
         let mut child = self.child.take().expect("waited once");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -618,8 +659,54 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        } else if self.adopted {
+            // SAFETY: plain syscalls on a pid this process reaps.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+                libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+            }
         }
     }
+}
+
+/// Make this test process the reaper of orphaned descendants: a daemon a
+/// live upgrade started is the old daemon's child, and becomes ours when
+/// the old one exits, so its exit code can be read.
+pub fn become_subreaper() {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(
+        r,
+        0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Wait (up to the deadline) for `pid`, a process this one reaps; its exit
+/// code.
+pub fn reap(pid: u32) -> i32 {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: waits for one pid; `status` is ours.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        let _ = tx.send((r, status));
+    });
+    let (r, status) = rx
+        .recv_timeout(DEADLINE)
+        .expect("process exits before the deadline");
+    assert_eq!(
+        r,
+        pid as i32,
+        "waitpid({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    assert!(
+        libc::WIFEXITED(status),
+        "pid {pid} ended by a signal: status {status}"
+    );
+    libc::WEXITSTATUS(status)
 }
 
 /// A plain HTTP/1.1 exchange with hyper's client: (status, body).
