@@ -105,7 +105,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     };
     admin_ctx.set_ready(true);
     service::ready();
-    let watchdog = service::spawn_watchdog();
+    let mut watchdog = service::spawn_watchdog();
     info!(config = %options.config.display(), watch = options.watch, "ready");
     let mut daemon = Daemon {
         server,
@@ -140,15 +140,21 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
                     Err(reason) => daemon.upgrade_failed(&reason),
                     Ok(pid) => {
                         info!(pid, "live upgrade: the new process is ready; handing over");
+                        // The new process pings from its start; pings from
+                        // this one would be refused once it is no longer
+                        // the main process.
+                        if let Some(w) = watchdog.take() {
+                            w.abort();
+                        }
                         match daemon.hand_over(u).await {
                             Ok(()) => {
-                                if let Some(w) = watchdog {
-                                    w.abort();
-                                }
                                 info!("handed over; exiting");
                                 return Ok(());
                             }
-                            Err(reason) => daemon.upgrade_failed(&reason),
+                            Err(reason) => {
+                                daemon.upgrade_failed(&reason);
+                                watchdog = service::spawn_watchdog();
+                            }
                         }
                     }
                 }

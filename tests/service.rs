@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,45 +10,6 @@ use common::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::block_in_place;
-
-/// A fake systemd notify socket: every datagram the daemon sends.
-struct NotifySocket {
-    socket: UnixDatagram,
-    _dir: tempfile::TempDir,
-    path: String,
-}
-
-impl NotifySocket {
-    fn new() -> NotifySocket {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket.set_read_timeout(Some(DEADLINE)).unwrap();
-        NotifySocket {
-            socket,
-            path: path.to_str().unwrap().to_owned(),
-            _dir: dir,
-        }
-    }
-
-    /// The next message that is not a watchdog ping, with the pings seen
-    /// on the way (and when they arrived).
-    fn next(&self, pings: &mut Vec<Instant>) -> String {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .expect("notification before the deadline");
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if msg.trim() == "WATCHDOG=1" {
-                pings.push(Instant::now());
-            } else {
-                return msg;
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifies_ready_reloading_stopping_in_order_and_pings_the_watchdog() {

@@ -62,6 +62,29 @@ impl Exe {
     fn start(&self, toml: &str) -> Daemon {
         Daemon::start_exe(&self.path(), toml, &[], &[])
     }
+
+    /// Start as systemd would: `NOTIFY_SOCKET`, and a watchdog whose
+    /// `WATCHDOG_PID` is the daemon's own pid (a wrapper sets it, then
+    /// execs the binary at the path).
+    fn start_notified(&self, toml: &str, notify: &NotifySocket, watchdog_usec: u64) -> Daemon {
+        let wrapper = self.dir.path().join("as-systemd.sh");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nWATCHDOG_PID=$$ exec {} \"$@\"\n",
+                self.path().display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let usec = watchdog_usec.to_string();
+        let envs = [
+            ("NOTIFY_SOCKET", notify.path.as_str()),
+            ("WATCHDOG_USEC", usec.as_str()),
+        ];
+        Daemon::start_exe(&wrapper, toml, &[], &envs)
+    }
 }
 
 /// Byte `i` of a test stream: deterministic, not periodic in any small
@@ -586,4 +609,56 @@ fn sessions(pg: &db::Postgres) -> u64 {
         .lines()
         .filter(|l| l.contains("connection authorized"))
         .count() as u64
+}
+
+/// systemd follows the new process with `NotifyAccess=main`: the old
+/// process, still the main one, sends `MAINPID=<new pid>`; only then the new
+/// one sends `READY=1`, and from then on only the new one speaks, its
+/// watchdog pings included (the old `WATCHDOG_PID` is not passed on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_the_new_main_pid_before_the_new_process_is_ready() {
+    let exe = Exe::new();
+    let notify = NotifySocket::new();
+    let b = NamedBackend::start("b").await;
+    let toml = listener(
+        "c",
+        "[listener.health_check]\nkind = \"none\"",
+        &[("b", b.addr)],
+    );
+    let mut d = block_in_place(|| exe.start_notified(&toml, &notify, 400_000));
+    let old = d.pid;
+    let (msg, from) = block_in_place(|| notify.next_from());
+    assert_eq!((msg.lines().next(), from), (Some("READY=1"), old), "{msg}");
+    assert_eq!(block_in_place(|| d.upgrade()), 0);
+    let new = d.pid;
+    let mut seen = Vec::new();
+    let mut new_pings = 0;
+    block_in_place(|| {
+        while new_pings < 3 {
+            let (msg, from) = notify.next_from();
+            seen.push((msg.trim().to_owned(), from));
+            if msg.trim() == "WATCHDOG=1" && from == new {
+                new_pings += 1;
+            }
+            assert!(seen.len() < 1000, "{seen:?}");
+        }
+    });
+    let main_pid = seen
+        .iter()
+        .position(|(m, _)| m.starts_with("MAINPID="))
+        .unwrap_or_else(|| panic!("no MAINPID: {seen:?}"));
+    assert_eq!(seen[main_pid], (format!("MAINPID={new}"), old), "{seen:?}");
+    let ready = seen
+        .iter()
+        .position(|(m, p)| m.lines().next() == Some("READY=1") && *p == new)
+        .unwrap_or_else(|| panic!("no READY=1 from the new process: {seen:?}"));
+    assert!(main_pid < ready, "MAINPID before READY=1: {seen:?}");
+    assert!(
+        seen[..main_pid].iter().all(|(_, p)| *p == old),
+        "only the main process speaks before MAINPID: {seen:?}"
+    );
+    assert!(
+        seen[main_pid + 1..].iter().all(|(_, p)| *p == new),
+        "only the new main process speaks after MAINPID: {seen:?}"
+    );
 }

@@ -141,6 +141,9 @@ impl Upgrade {
         let child = tokio::process::Command::new(&exe)
             .args(&args)
             .env(FD_ENV, theirs.as_raw_fd().to_string())
+            // systemd's watchdog names the main process; the new one
+            // becomes it, so it must not think the watchdog is another's.
+            .env_remove("WATCHDOG_PID")
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;

@@ -899,3 +899,62 @@ pub fn sample_value(
         Value::Summary(_) => panic!("no summaries here"),
     })
 }
+
+/// A fake systemd notify socket: every datagram the daemon sends, with the
+/// pid of the process that sent it (`SO_PASSCRED`, as systemd reads it to
+/// apply `NotifyAccess=main`).
+pub struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    _dir: tempfile::TempDir,
+    pub path: String,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(DEADLINE)).unwrap();
+        rustix::net::sockopt::set_socket_passcred(&socket, true).unwrap();
+        NotifySocket {
+            socket,
+            path: path.to_str().unwrap().to_owned(),
+            _dir: dir,
+        }
+    }
+
+    /// The next message that is not a watchdog ping, with the pings seen
+    /// on the way (and when they arrived).
+    pub fn next(&self, pings: &mut Vec<std::time::Instant>) -> String {
+        loop {
+            let (msg, _) = self.next_from();
+            if msg.trim() == "WATCHDOG=1" {
+                pings.push(std::time::Instant::now());
+            } else {
+                return msg;
+            }
+        }
+    }
+
+    /// The next message, pings included, and the pid that sent it.
+    pub fn next_from(&self) -> (String, u32) {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut buf = [0u8; 4096];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let r = rustix::net::recvmsg(
+            &self.socket,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::empty(),
+        )
+        .expect("notification before the deadline");
+        let mut pid = 0;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmCredentials(c) = m {
+                pid = c.pid.as_raw_nonzero().get() as u32;
+            }
+        }
+        (String::from_utf8_lossy(&buf[..r.bytes]).into_owned(), pid)
+    }
+}
