@@ -1,6 +1,6 @@
-//! Handing established connections over to another process (live upgrade):
-//! the plain data a frozen connection is, and the one switch that freezes
-//! them.
+//! Handing established connections and udp sessions over to another
+//! process (live upgrade): the plain data a frozen one is, and the one
+//! switch that freezes them.
 //!
 //! Every backend's cut wire is a child of [`Handover::sessions`], so tripping
 //! it wakes every established tcp-mode session at once, whatever it waits
@@ -44,11 +44,35 @@ pub struct FrozenTcp {
     pub keepalive_pending: bool,
 }
 
+/// A udp-mode session, taken out of its task: the client it serves and
+/// its socket connected to the backend (replies already queued there stay
+/// in it). The listener socket travels with the listeners.
+#[derive(Debug)]
+pub struct FrozenUdp {
+    pub listener: Arc<str>,
+    pub backend: Arc<str>,
+    pub client: std::net::SocketAddr,
+    pub toward: OwnedFd,
+    /// Replies still to relay before it ends (`udp_replies`), if counted.
+    pub replies_left: Option<u32>,
+}
+
+/// Where a udp listener taken over from another process gets that
+/// process's sessions, before it reads its first datagram.
+pub type UdpAdoption = tokio::sync::oneshot::Receiver<Vec<FrozenUdp>>;
+
+/// A frozen session of either kind.
+#[derive(Debug)]
+pub enum Frozen {
+    Tcp(FrozenTcp),
+    Udp(FrozenUdp),
+}
+
 /// The switch that freezes sessions, and where they go.
 #[derive(Debug, Default)]
 pub struct Handover {
     sessions: Tripwire,
-    taker: Mutex<Option<mpsc::UnboundedSender<FrozenTcp>>>,
+    taker: Mutex<Option<mpsc::UnboundedSender<Frozen>>>,
 }
 
 impl Handover {
@@ -65,13 +89,19 @@ impl Handover {
         &self.sessions
     }
 
-    /// Freeze every established session, now and from now on: each one
-    /// arrives on the receiver.
-    pub fn begin(&self) -> mpsc::UnboundedReceiver<FrozenTcp> {
+    /// Get ready to take sessions: from now on a session that wakes
+    /// because its listener stopped waits to be frozen instead of winding
+    /// down. Each frozen session arrives on the receiver.
+    pub fn open(&self) -> mpsc::UnboundedReceiver<Frozen> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.taker() = Some(tx);
-        self.sessions.trip();
         rx
+    }
+
+    /// Freeze every established session, now and from now on (after
+    /// [`open`](Self::open)).
+    pub fn freeze(&self) {
+        self.sessions.trip();
     }
 
     /// Whether a session woken by the sessions wire is to freeze (rather
@@ -82,14 +112,14 @@ impl Handover {
 
     /// Hand one frozen session to the upgrade; false (and its sockets
     /// closed) if nobody takes sessions any more.
-    pub fn give(&self, frozen: FrozenTcp) -> bool {
+    pub fn give(&self, frozen: Frozen) -> bool {
         match &*self.taker() {
             Some(tx) => tx.send(frozen).is_ok(),
             None => false,
         }
     }
 
-    fn taker(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<FrozenTcp>>> {
+    fn taker(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<Frozen>>> {
         self.taker.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -1508,3 +1508,64 @@ async fn dns_servers_behind_udp_and_tcp_on_one_port() {
     tcp_answers.sort();
     assert_eq!(tcp_answers, [ip1, ip2]);
 }
+
+/// A live upgrade moves every udp session with its socket: after two
+/// upgrades each client's datagrams still reach the backend it started on,
+/// from the same proxy socket (the backend sees no new source address), no
+/// session was opened anew, and a session's reply count goes on where it
+/// was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_move_with_their_sockets_in_a_live_upgrade() {
+    become_subreaper();
+    let (a, b) = (UdpEcho::start("a").await, UdpEcho::start("b").await);
+    let (mut d, proxy, admin) = start(&udp_config(
+        "algorithm = \"roundrobin\"\nidle_timeout = \"60s\"\nudp_replies = 3",
+        &[("a", a.addr), ("b", b.addr)],
+    ));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(Client::new(proxy).await);
+    }
+    let mut first = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        first.push(c.ask(&format!("client {i} before")).await);
+    }
+    assert_eq!(first, ["a", "b", "a", "b", "a", "b"]);
+    let peers = (a.peers(), b.peers());
+    let opened =
+        |s: &Json| ["a", "b"].map(|n| num(backend(s, n).expect("backend"), "connections_total"));
+    let sessions_before = opened(&status(admin).await);
+    assert_eq!(sessions_before, [3, 3]);
+    for round in 0..2 {
+        assert_eq!(block_in_place(|| d.upgrade()), 0);
+        for (i, c) in clients.iter().enumerate() {
+            let who = c.ask(&format!("client {i} after upgrade {round}")).await;
+            assert_eq!(
+                who, first[i],
+                "client {i}'s session moved to another backend"
+            );
+        }
+    }
+    assert_eq!(
+        (a.peers().len(), b.peers().len()),
+        (3, 3),
+        "no new proxy socket"
+    );
+    for (now, then) in [(a.peers(), &peers.0), (b.peers(), &peers.1)] {
+        let mut now: Vec<_> = now.keys().copied().collect();
+        let mut then: Vec<_> = then.keys().copied().collect();
+        now.sort();
+        then.sort();
+        assert_eq!(now, then, "the sessions' sockets are the same");
+    }
+    assert_eq!(
+        opened(&status(admin).await),
+        sessions_before,
+        "no session opened anew"
+    );
+    // Three replies per session (udp_replies = 3): each has had them, so
+    // the next datagram opens a new session, from a new socket.
+    let next = clients[0].ask("client 0 once more").await;
+    assert!(next == "a" || next == "b");
+    assert_eq!(opened(&status(admin).await).iter().sum::<u64>(), 7);
+}

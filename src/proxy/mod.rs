@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::Backend;
 use crate::balancer::Pool;
 use crate::config::{ListenerConfig, Mode};
-use crate::handover::Handover;
+use crate::handover::{Handover, UdpAdoption};
 use crate::metrics::ListenerMetrics;
 use crate::sync::Tripwire;
 
@@ -180,14 +180,18 @@ impl Default for ConnContext {
 #[derive(Debug)]
 pub enum Bound {
     Tcp(TcpListener),
-    Udp(UdpSocket),
+    /// With the sessions of the process a live upgrade took it over from,
+    /// adopted before the first datagram is read.
+    Udp(UdpSocket, Option<UdpAdoption>),
 }
 
 impl Bound {
     /// Bind the socket a listener's config asks for.
     pub fn bind(config: &ListenerConfig) -> std::io::Result<Bound> {
         match config.mode {
-            Mode::Udp => crate::sockets::bind_udp(config.bind, config.freebind).map(Bound::Udp),
+            Mode::Udp => {
+                crate::sockets::bind_udp(config.bind, config.freebind).map(|s| Bound::Udp(s, None))
+            }
             Mode::Tcp | Mode::Http => {
                 let l = crate::sockets::bind_listener(config.bind, config.freebind)?;
                 // Before the first connection can complete its handshake:
@@ -200,13 +204,18 @@ impl Bound {
 
     /// A socket handed over by the process this one took over from (live
     /// upgrade), for a listener of `mode`; its options are as that
-    /// process set them.
-    pub fn inherited(mode: Mode, fd: OwnedFd) -> std::io::Result<Bound> {
+    /// process set them. A udp listener waits for that process's sessions
+    /// on `sessions` before it serves.
+    pub fn inherited(
+        mode: Mode,
+        fd: OwnedFd,
+        sessions: Option<UdpAdoption>,
+    ) -> std::io::Result<Bound> {
         Ok(match mode {
             Mode::Udp => {
                 let s = std::net::UdpSocket::from(fd);
                 s.set_nonblocking(true)?;
-                Bound::Udp(UdpSocket::from_std(s)?)
+                Bound::Udp(UdpSocket::from_std(s)?, sessions)
             }
             Mode::Tcp | Mode::Http => {
                 let l = std::net::TcpListener::from(fd);
@@ -220,7 +229,7 @@ impl Bound {
     pub fn fits(&self, mode: Mode) -> bool {
         matches!(
             (self, mode),
-            (Bound::Udp(_), Mode::Udp) | (Bound::Tcp(_), Mode::Tcp | Mode::Http)
+            (Bound::Udp(..), Mode::Udp) | (Bound::Tcp(_), Mode::Tcp | Mode::Http)
         )
     }
 
@@ -228,7 +237,7 @@ impl Bound {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Bound::Tcp(l) => l.local_addr(),
-            Bound::Udp(s) => s.local_addr(),
+            Bound::Udp(s, _) => s.local_addr(),
         }
     }
 
@@ -239,11 +248,13 @@ impl Bound {
         // A second descriptor of the socket, for a live upgrade to hand over.
         let socket = match &self {
             Bound::Tcp(l) => l.as_fd().try_clone_to_owned(),
-            Bound::Udp(s) => s.as_fd().try_clone_to_owned(),
+            Bound::Udp(s, _) => s.as_fd().try_clone_to_owned(),
         };
         let task = match self {
             Bound::Tcp(l) => tokio::spawn(accept::accept_loop(l, route, stop.clone(), ctx.clone())),
-            Bound::Udp(s) => tokio::spawn(udp::serve(s, route, stop.clone(), ctx.clone())),
+            Bound::Udp(s, adopt) => {
+                tokio::spawn(udp::serve(s, route, stop.clone(), ctx.clone(), adopt))
+            }
         };
         Frontend {
             local_addr,

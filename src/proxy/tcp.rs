@@ -31,7 +31,7 @@ use super::queue::{Open, Slot};
 use super::relay::{End, Relay};
 use crate::backend::Backend;
 use crate::config::ProxyProtocol;
-use crate::handover::FrozenTcp;
+use crate::handover::{Frozen, FrozenTcp};
 use crate::sockets;
 use crate::sync::{Tripped, Tripwire};
 
@@ -221,7 +221,7 @@ fn hand_over(this: SessionProj<'_>) -> &'static str {
         })
     })();
     match frozen {
-        Ok(frozen) => match state.handover().give(frozen) {
+        Ok(frozen) => match state.handover().give(Frozen::Tcp(frozen)) {
             true => "handed over",
             false => "closed: the handover ended before it was taken",
         },

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::handover::{FrozenTcp, Pending};
+use crate::handover::{Frozen, FrozenTcp, FrozenUdp, Pending};
 use crate::metrics::Carried;
 use crate::proxy::Bound;
 use crate::registry::Seed;
@@ -78,6 +78,13 @@ pub enum ToNew {
         b2c_done: bool,
         age_ms: u64,
         keepalive_pending: bool,
+    },
+    /// A udp session: one descriptor, its socket connected to the backend.
+    UdpSession {
+        listener: String,
+        backend: String,
+        client: std::net::SocketAddr,
+        replies_left: Option<u32>,
     },
     Metrics(Vec<Carried>),
     /// The admin endpoint's listening socket (one descriptor).
@@ -200,7 +207,10 @@ impl Upgrade {
                 .map_err(|_| "the handover socket closed".to_string())
         };
         send(Frame::new(ToNew::Backends(server.registry().seeds())))?;
-        // 1. Listeners: stop accepting here, then send the sockets.
+        // 1. Listeners: stop accepting here, then send the sockets. Sessions
+        //    of stopped udp listeners wait to be frozen.
+        let ctx = server.context().clone();
+        let mut frozen = ctx.handover.open();
         server.stop_accepting().await;
         for (name, _mode, fd) in server.sockets() {
             let fd = fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"))?;
@@ -212,15 +222,14 @@ impl Upgrade {
         }
         send(Frame::new(ToNew::ListenersDone))?;
         // 2. Sessions, until this process holds no connection.
-        let ctx = server.context().clone();
-        let mut frozen = ctx.handover.begin();
+        ctx.handover.freeze();
         ctx.draining.trip();
         ctx.tracker.close();
         let deadline = Instant::now() + grace;
         let mut sent = 0usize;
         loop {
             tokio::select! {
-                Some(f) = frozen.recv() => { send(connection_frame(f))?; sent += 1; }
+                Some(f) = frozen.recv() => { send(session_frame(f))?; sent += 1; }
                 () = ctx.tracker.wait() => break,
                 () = tokio::time::sleep_until(deadline) => {
                     warn!(open = ctx.tracker.len(), "live upgrade: connections that could not be handed over are cut");
@@ -231,7 +240,7 @@ impl Upgrade {
             }
         }
         while let Ok(f) = frozen.try_recv() {
-            send(connection_frame(f))?;
+            send(session_frame(f))?;
             sent += 1;
         }
         // 3. Counters (nothing counts here any more), the admin socket, done.
@@ -266,6 +275,22 @@ impl Upgrade {
             "live upgrade: the new process has taken over"
         );
         Ok(pid)
+    }
+}
+
+fn session_frame(f: Frozen) -> Frame<ToNew> {
+    match f {
+        Frozen::Tcp(f) => connection_frame(f),
+        Frozen::Udp(f) => Frame {
+            msg: ToNew::UdpSession {
+                listener: f.listener.to_string(),
+                backend: f.backend.to_string(),
+                client: f.client,
+                replies_left: f.replies_left,
+            },
+            data: Vec::new(),
+            fds: vec![f.toward],
+        },
     }
 }
 
@@ -318,6 +343,8 @@ pub fn inherited() -> Result<Option<UnixStream>, String> {
 /// The new process's side, from its hello to serving everything.
 pub struct TakeOver {
     link: Link<ToOld, ToNew>,
+    /// Per udp listener taken over, where its sessions go once all came.
+    udp: HashMap<String, tokio::sync::oneshot::Sender<Vec<FrozenUdp>>>,
 }
 
 impl TakeOver {
@@ -328,7 +355,10 @@ impl TakeOver {
         link.tx
             .send(Frame::new(ToOld::Hello { pid }))
             .map_err(|_| "handover socket closed".to_string())?;
-        Ok(TakeOver { link })
+        Ok(TakeOver {
+            link,
+            udp: HashMap::new(),
+        })
     }
 
     async fn next(&mut self) -> Result<Frame<ToNew>, String> {
@@ -352,8 +382,13 @@ impl TakeOver {
                 ToNew::Listener { name } => {
                     let fd = frame.fds.pop().ok_or("a listener without its socket")?;
                     let mode = server_mode_of(&fd);
-                    let bound =
-                        Bound::inherited(mode, fd).map_err(|e| format!("listener {name}: {e}"))?;
+                    let sessions = (mode == crate::config::Mode::Udp).then(|| {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        self.udp.insert(name.clone(), tx);
+                        rx
+                    });
+                    let bound = Bound::inherited(mode, fd, sessions)
+                        .map_err(|e| format!("listener {name}: {e}"))?;
                     sockets.insert(name.into(), bound);
                 }
                 ToNew::ListenersDone => return Ok(sockets),
@@ -367,6 +402,7 @@ impl TakeOver {
     /// came.
     pub async fn rest(&mut self, server: &Server) -> Result<Option<std::net::TcpListener>, String> {
         let mut connections = Vec::new();
+        let mut udp: HashMap<String, Vec<FrozenUdp>> = HashMap::new();
         let mut admin = None;
         loop {
             let frame = self.next().await?;
@@ -406,6 +442,25 @@ impl TakeOver {
                         keepalive_pending,
                     });
                 }
+                ToNew::UdpSession {
+                    listener,
+                    backend,
+                    client,
+                    replies_left,
+                } => {
+                    let toward = frame
+                        .fds
+                        .into_iter()
+                        .next()
+                        .ok_or("a udp session without its socket")?;
+                    udp.entry(listener.clone()).or_default().push(FrozenUdp {
+                        listener: listener.into(),
+                        backend: backend.into(),
+                        client,
+                        toward,
+                        replies_left,
+                    });
+                }
                 ToNew::Metrics(series) => {
                     let keep = carried_here(server);
                     server.metrics().carry(series, keep);
@@ -419,25 +474,40 @@ impl TakeOver {
                 other => return Err(format!("unexpected message: {other:?}")),
             }
         }
-        let count = connections.len();
+        let mut count = 0;
         let mut lost = 0;
         for c in connections {
             let (listener, backend) = (c.listener.clone(), c.backend.clone());
-            if !server.adopt(c) {
+            if server.adopt(c) {
+                count += 1;
+            } else {
                 // The config on disk no longer has its listener or backend.
                 warn!(%listener, %backend, "a handed-over connection has no place here; closed");
                 lost += 1;
             }
         }
+        let mut sessions = 0;
+        for (listener, taker) in self.udp.drain() {
+            let these = udp.remove(&listener).unwrap_or_default();
+            let n = these.len();
+            match taker.send(these) {
+                Ok(()) => sessions += n,
+                // The config on disk moved or dropped the listener.
+                Err(lost_here) => lost += lost_here.len(),
+            }
+        }
+        lost += udp.values().map(Vec::len).sum::<usize>();
         server.metrics().record_upgrade(true);
         info!(
-            connections = count - lost,
-            lost, "live upgrade: connections adopted"
+            connections = count,
+            udp_sessions = sessions,
+            lost,
+            "live upgrade: connections adopted"
         );
         self.link
             .tx
             .send(Frame::new(ToOld::Adopted {
-                connections: count - lost,
+                connections: count + sessions,
             }))
             .map_err(|_| "handover socket closed".to_string())?;
         Ok(admin)

@@ -40,6 +40,7 @@ pub(crate) mod batch;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -60,6 +61,7 @@ use super::queue::{Open, Slot as BackendSlot};
 use super::relay::PooledBuf;
 use super::{ConnContext, Route};
 use crate::backend::{Backend, BackendState};
+use crate::handover::{Frozen, FrozenUdp, UdpAdoption};
 use crate::metrics::Reject;
 use crate::sockets::{self, ACCEPT_ERROR_BACKOFF};
 use crate::sync::Tripwire;
@@ -73,12 +75,15 @@ const LINGER: Duration = Duration::from_secs(1);
 /// oldest memories go (each is only a preference for one next session).
 const AVOID_KEEP: usize = 4096;
 
-/// Serve a bound udp listener until `stop` trips.
+/// Serve a bound udp listener until `stop` trips; first adopt the
+/// sessions `adopt` brings (a live upgrade's, from the process that served
+/// this socket before).
 pub async fn serve(
     socket: UdpSocket,
     route: Arc<ArcSwap<Route>>,
     stop: Tripwire,
     ctx: ConnContext,
+    adopt: Option<UdpAdoption>,
 ) {
     let socket = Arc::new(socket);
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
@@ -97,6 +102,17 @@ pub async fn serve(
     let mut batch = Batch::default();
     let stopped = stop.tripped();
     tokio::pin!(stopped);
+    if let Some(adopt) = adopt {
+        let sessions = tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            s = adopt => s.unwrap_or_default(),
+        };
+        let route = route.load();
+        for frozen in sessions {
+            table.adopt(&route, frozen);
+        }
+    }
     loop {
         tokio::select! {
             biased;
@@ -263,6 +279,46 @@ impl Table {
         }
     }
 
+    /// Go on with a session a live upgrade handed over: same client, same
+    /// backend, its socket connected there (replies already queued in it
+    /// included); idle from now. Closed if its backend is not in this
+    /// listener's pool.
+    fn adopt(&mut self, route: &Route, frozen: FrozenUdp) {
+        let Some(backend) = route
+            .pool
+            .backends
+            .iter()
+            .find(|b| b.name == frozen.backend)
+        else {
+            warn!(backend = %frozen.backend, client = %frozen.client, "a handed-over udp session has no backend here; closed");
+            return;
+        };
+        let toward = std::net::UdpSocket::from(frozen.toward);
+        let toward = match toward
+            .set_nonblocking(true)
+            .and_then(|()| UdpSocket::from_std(toward))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "a handed-over udp session could not be adopted");
+                return;
+            }
+        };
+        let slot = route.shared.queue.adopt_slot(backend);
+        let session = start(
+            route,
+            frozen.client,
+            backend,
+            toward,
+            slot,
+            frozen.replies_left,
+            &mut self.next_id,
+            self.clock,
+            &self.env,
+        );
+        self.sessions.insert(frozen.client, session);
+    }
+
     /// A session task ended: forget it (unless a newer session took its
     /// place) and remember a refusing backend for the client's next one.
     fn ended(&mut self, ended: Ended) {
@@ -337,6 +393,32 @@ fn open(
         .try_slot(backend)
         .expect("udp backends have no cap");
     backend.state.record_established();
+    Some(start(
+        route,
+        client,
+        backend,
+        toward,
+        slot,
+        settings.udp_replies,
+        next_id,
+        clock,
+        env,
+    ))
+}
+
+/// A session's task, started, and the receive task's view of it.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    route: &Route,
+    client: SocketAddr,
+    backend: &Backend,
+    toward: UdpSocket,
+    slot: BackendSlot,
+    replies: Option<u32>,
+    next_id: &mut u64,
+    clock: Clock,
+    env: &Env,
+) -> Session {
     *next_id += 1;
     let live = Arc::new(Live {
         last: AtomicU64::new(clock.now()),
@@ -350,20 +432,20 @@ fn open(
         backend: backend.state.clone(),
         live: live.clone(),
         cut: backend.state.cut_signal(),
-        idle: settings.idle_timeout,
-        replies: settings.udp_replies,
+        idle: route.settings.idle_timeout,
+        replies,
         clock,
         env: env.clone(),
         _slot: slot,
-        _open: shared.open.enter(),
+        _open: route.shared.open.enter(),
     };
     env.ctx.tracker.spawn(task.run());
-    Some(Session {
+    Session {
         id: *next_id,
         toward,
         backend: backend.state.clone(),
         live,
-    })
+    }
 }
 
 /// A socket connected to `backend`, or `None` (counted) if the kernel
@@ -409,6 +491,8 @@ enum End {
     /// The receive task met the backend's ICMP error (and counted it).
     Told,
     Cut,
+    /// A live upgrade took it to the new process.
+    HandedOver,
     Failed,
 }
 
@@ -435,15 +519,27 @@ impl SessionTask {
             tokio::select! {
                 biased;
                 () = env.ctx.abort.tripped() => return End::Cut,
-                () = self.cut.tripped() => return End::Cut,
+                () = self.cut.tripped() => {
+                    let handover = self.backend.handover();
+                    if self.cut.parent_tripped() && handover.is_active() {
+                        return self.hand_over();
+                    }
+                    return End::Cut;
+                }
                 () = self.live.end.tripped() => return End::Told,
+                // A live upgrade stops the listener too: then the session
+                // waits to be handed over, its idle timeout unchanged.
                 () = env.stop.tripped(), if !lingering => {
                     lingering = true;
-                    self.idle = self.idle.min(LINGER);
+                    if !self.backend.handover().is_active() {
+                        self.idle = self.idle.min(LINGER);
+                    }
                 }
                 () = env.ctx.draining.tripped(), if !lingering => {
                     lingering = true;
-                    self.idle = self.idle.min(LINGER);
+                    if !self.backend.handover().is_active() {
+                        self.idle = self.idle.min(LINGER);
+                    }
                 }
                 () = tokio::time::sleep_until(last + self.idle) => {
                     // Activity since the timer was set moves the deadline.
@@ -468,6 +564,27 @@ impl SessionTask {
                     }
                 }
             }
+        }
+    }
+
+    /// Give the session to a live upgrade: its client, its connected socket
+    /// (duplicated: this task's copy closes when it ends), what is left of
+    /// its reply count.
+    fn hand_over(&self) -> End {
+        let frozen = (|| {
+            let (listener, backend) = self.backend.metrics.key().cloned()?;
+            let toward = self.toward.as_fd().try_clone_to_owned().ok()?;
+            Some(FrozenUdp {
+                listener,
+                backend,
+                client: self.client,
+                toward,
+                replies_left: self.replies,
+            })
+        })();
+        match frozen.map(|f| self.backend.handover().give(Frozen::Udp(f))) {
+            Some(true) => End::HandedOver,
+            _ => End::Cut,
         }
     }
 
