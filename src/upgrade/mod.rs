@@ -177,7 +177,11 @@ impl Upgrade {
                 Some(Ok(Frame { msg: ToOld::Hello { pid }, .. })) => Ok(pid),
                 Some(Ok(f)) => Err(format!("unexpected message before hello: {:?}", f.msg)),
                 Some(Err(e)) => Err(format!("handover socket: {e}")),
-                None => Err("the new process closed the handover socket".into()),
+                // It closed its end: most likely it is exiting; say how.
+                None => Err(match tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await {
+                    Ok(Ok(s)) => format!("the new process exited ({s}) before taking over"),
+                    _ => "the new process closed the handover socket".into(),
+                }),
             },
             () = tokio::time::sleep_until(self.deadline) => {
                 Err(format!("the new process did not take over within {HELLO_TIMEOUT:?}"))
