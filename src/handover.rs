@@ -61,11 +61,23 @@ pub struct FrozenUdp {
 /// process's sessions, before it reads its first datagram.
 pub type UdpAdoption = tokio::sync::oneshot::Receiver<Vec<FrozenUdp>>;
 
-/// A frozen session of either kind.
+/// An HTTP-mode client connection, taken between two requests: its socket
+/// and what was read past the last request answered.
+#[derive(Debug)]
+pub struct FrozenHttp {
+    pub listener: Arc<str>,
+    pub client: OwnedFd,
+    pub peer: std::net::SocketAddr,
+    pub pending: Vec<u8>,
+    pub age: Duration,
+}
+
+/// A frozen session of any kind.
 #[derive(Debug)]
 pub enum Frozen {
     Tcp(FrozenTcp),
     Udp(FrozenUdp),
+    Http(FrozenHttp),
 }
 
 /// The switch that freezes sessions, and where they go.

@@ -432,6 +432,47 @@ impl Server {
         }
     }
 
+    /// Go on serving an HTTP-mode client connection a live upgrade handed
+    /// over between two requests; false (and it is closed) if there is no
+    /// such http listener now.
+    pub fn adopt_http(&self, frozen: crate::handover::FrozenHttp) -> bool {
+        let Some(l) = self.listeners.get(&frozen.listener) else {
+            return false;
+        };
+        let current = l.route.load_full();
+        if current.settings.mode != crate::config::Mode::Http {
+            return false;
+        }
+        let stream = std::net::TcpStream::from(frozen.client);
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "a handed-over http connection could not be adopted");
+                return false;
+            }
+        };
+        let client = crate::proxy::prefixed::Prefixed::new(stream, frozen.pending.into());
+        let open = current.shared.open.enter();
+        let started = tokio::time::Instant::now()
+            .checked_sub(frozen.age)
+            .unwrap_or_else(tokio::time::Instant::now);
+        let span = tracing::debug_span!("conn", listener = %current.settings.name, peer = %frozen.peer, adopted = true);
+        let conn = crate::proxy::http::serve(
+            client,
+            frozen.peer,
+            l.route.clone(),
+            self.ctx.clone(),
+            open,
+            started,
+        );
+        use tracing::Instrument;
+        self.ctx.tracker.spawn(conn.instrument(span));
+        true
+    }
+
     /// Stop accepting at once, let open connections finish for up to `grace`,
     /// then cut the rest. Returns how many were cut.
     pub async fn shutdown(mut self, grace: Duration) -> usize {

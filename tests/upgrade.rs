@@ -662,3 +662,84 @@ async fn systemd_is_told_the_new_main_pid_before_the_new_process_is_ready() {
         "only the new main process speaks after MAINPID: {seen:?}"
     );
 }
+
+/// HTTP mode: a keep-alive client connection that is between two requests
+/// moves to the new process and its next requests are answered on the same
+/// connection; one with a request in progress (a chunked upload half sent)
+/// has it answered in full by the old process, then moves too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connections_move_between_requests_and_finish_the_one_in_progress() {
+    let exe = Exe::new();
+    let h = HttpBackend::start("h").await;
+    let toml = listener(
+        "w",
+        "mode = \"http\"\n[listener.health_check]\nkind = \"none\"",
+        &[("h", h.addr)],
+    );
+    let mut d = block_in_place(|| exe.start(&toml));
+    let proxy = d.addr("w");
+    let mut idle = HttpClient::connect(proxy).await;
+    for i in 0..3 {
+        let r = idle.get(&format!("/before/{i}"), &[]).await;
+        assert_eq!((r.status, r.header("x-backend")), (200, "h"));
+    }
+    // A request in progress: headers and one chunk of its body sent.
+    let mut busy = TcpStream::connect(proxy).await.unwrap();
+    busy.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    wait_for("the upload reached the backend", || {
+        h.requests.load(Ordering::SeqCst) == 4
+    })
+    .await;
+
+    d.signal("USR2");
+    block_in_place(|| d.log_until(|l| l.contains("the new process is ready; handing over")));
+    busy.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    // The backend streams its answer as the upload comes, so its head left
+    // before the upgrade began (no `Connection: close` could be added): the
+    // answer completes, and the connection stays usable.
+    let answer = read_until(&mut busy, b"0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        "{answer:?}"
+    );
+    assert_eq!(block_in_place(|| d.finish_upgrade()), 0);
+
+    // The idle connection is the new process's now: same connection, more
+    // requests, the client's address still forwarded.
+    for i in 0..3 {
+        let r = idle.get(&format!("/after/{i}"), &[]).await;
+        assert_eq!((r.status, r.header("x-backend")), (200, "h"));
+        assert_eq!(r.header("x-seen-xff"), "127.0.0.1");
+    }
+    // The connection that was busy moved too, once its request was done.
+    busy.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_until(&mut busy, b"content-length: 0\r\n\r\n").await;
+    assert!(
+        next.starts_with("HTTP/1.1 200") && next.contains("x-seen-path: /next\r\n"),
+        "{next}"
+    );
+    assert_eq!(block_in_place(|| d.upgrade()), 0);
+    let r = idle.get("/after/second-upgrade", &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+/// Read until what came so far ends with `end` (or fail at the deadline).
+async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end) {
+        let n = within("more of the answer", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}

@@ -8,11 +8,14 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
+use super::prefixed::Prefixed;
 use super::{ConnContext, Route, http, tcp};
 use crate::config::Mode;
 use crate::metrics::Reject;
 use crate::sockets::{self, ACCEPT_ERROR_BACKOFF};
 use crate::sync::Tripwire;
+use bytes::Bytes;
+use tokio::time::Instant;
 
 /// Accept connections until `stop` trips, each placed with the route
 /// current at its accept.
@@ -92,7 +95,15 @@ pub async fn accept_loop(
                     }
                     Mode::Http => {
                         drop(current);
-                        let conn = http::serve(stream, peer, route.clone(), ctx.clone(), open);
+                        let client = Prefixed::new(stream, Bytes::new());
+                        let conn = http::serve(
+                            client,
+                            peer,
+                            route.clone(),
+                            ctx.clone(),
+                            open,
+                            Instant::now(),
+                        );
                         ctx.tracker.spawn(conn.instrument(span));
                     }
                     Mode::Udp => unreachable!("a udp listener has no TCP socket"),

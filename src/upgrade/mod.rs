@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::handover::{Frozen, FrozenTcp, FrozenUdp, Pending};
+use crate::handover::{Frozen, FrozenHttp, FrozenTcp, FrozenUdp, Pending};
 use crate::metrics::Carried;
 use crate::proxy::Bound;
 use crate::registry::Seed;
@@ -85,6 +85,13 @@ pub enum ToNew {
         backend: String,
         client: std::net::SocketAddr,
         replies_left: Option<u32>,
+    },
+    /// An HTTP-mode client connection between two requests: one
+    /// descriptor; payload = bytes read past the last request answered.
+    HttpConnection {
+        listener: String,
+        peer: std::net::SocketAddr,
+        age_ms: u64,
     },
     Metrics(Vec<Carried>),
     /// The admin endpoint's listening socket (one descriptor).
@@ -285,6 +292,15 @@ impl Upgrade {
 fn session_frame(f: Frozen) -> Frame<ToNew> {
     match f {
         Frozen::Tcp(f) => connection_frame(f),
+        Frozen::Http(f) => Frame {
+            msg: ToNew::HttpConnection {
+                listener: f.listener.to_string(),
+                peer: f.peer,
+                age_ms: f.age.as_millis() as u64,
+            },
+            data: f.pending,
+            fds: vec![f.client],
+        },
         Frozen::Udp(f) => Frame {
             msg: ToNew::UdpSession {
                 listener: f.listener.to_string(),
@@ -407,6 +423,7 @@ impl TakeOver {
     pub async fn rest(&mut self, server: &Server) -> Result<Option<std::net::TcpListener>, String> {
         let mut connections = Vec::new();
         let mut udp: HashMap<String, Vec<FrozenUdp>> = HashMap::new();
+        let mut http = Vec::new();
         let mut admin = None;
         loop {
             let frame = self.next().await?;
@@ -465,6 +482,24 @@ impl TakeOver {
                         replies_left,
                     });
                 }
+                ToNew::HttpConnection {
+                    listener,
+                    peer,
+                    age_ms,
+                } => {
+                    let client = frame
+                        .fds
+                        .into_iter()
+                        .next()
+                        .ok_or("an http connection without its socket")?;
+                    http.push(FrozenHttp {
+                        listener: listener.into(),
+                        client,
+                        peer,
+                        pending: frame.data,
+                        age: Duration::from_millis(age_ms),
+                    });
+                }
                 ToNew::Metrics(series) => {
                     let keep = carried_here(server);
                     server.metrics().carry(series, keep);
@@ -487,6 +522,15 @@ impl TakeOver {
             } else {
                 // The config on disk no longer has its listener or backend.
                 warn!(%listener, %backend, "a handed-over connection has no place here; closed");
+                lost += 1;
+            }
+        }
+        for c in http {
+            let listener = c.listener.clone();
+            if server.adopt_http(c) {
+                count += 1;
+            } else {
+                warn!(%listener, "a handed-over http connection has no listener here; closed");
                 lost += 1;
             }
         }

@@ -614,6 +614,11 @@ impl Daemon {
     /// [`become_subreaper`]).
     pub fn upgrade(&mut self) -> i32 {
         self.signal("USR2");
+        self.finish_upgrade()
+    }
+
+    /// The second half of [`upgrade`](Self::upgrade), after SIGUSR2.
+    pub fn finish_upgrade(&mut self) -> i32 {
         let line = self.log_until(|l| {
             l.contains("the new process has taken over") || l.contains("live upgrade failed")
         });

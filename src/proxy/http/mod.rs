@@ -30,6 +30,7 @@ pub mod pool;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -43,14 +44,15 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntCounter;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::connect::{self, Reached, Unserved};
+use super::prefixed::Prefixed;
 use super::queue::{Open, Slot};
 use super::{ConnContext, Route, Settings, Shared, lbcookie};
 use crate::backend::{Backend, Via};
+use crate::handover::{Frozen, FrozenHttp};
 use crate::metrics::Reject;
 use crate::sockets;
 use crate::sync::Tripwire;
@@ -64,57 +66,112 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers in one request, as in hyper's own default.
 pub const MAX_HEADERS: usize = 100;
 
-/// Serve one client connection in HTTP mode.
+/// Serve one client connection in HTTP mode; `started` is when it was
+/// accepted (by the process a live upgrade took it over from, perhaps).
+///
+/// The connection is driven with hyper's `poll_without_shutdown`, so that
+/// when it stops between two requests its socket and any bytes read ahead
+/// come back: a WebSocket upgrade continues as a tunnel on them, and a
+/// live upgrade hands them to the new process. Stopping is hyper's
+/// graceful shutdown: an idle connection stops at once, one with a request
+/// in progress answers it (with `Connection: close`) first.
 pub async fn serve(
-    client: TcpStream,
+    client: Prefixed,
     peer: SocketAddr,
     route: Arc<ArcSwap<Route>>,
     ctx: ConnContext,
-    _open: Open,
+    open: Open,
+    started: Instant,
 ) {
-    let started = Instant::now();
-    let (header_timeout, duration) = {
+    let (header_timeout, duration, listener) = {
         // TCP_NODELAY and keepalive came with the socket from the listener.
         let r = route.load();
         (
             r.settings.header_timeout,
             r.shared.metrics.connection_duration.clone(),
+            r.settings.name.clone(),
         )
     };
-    let shared = Arc::new((ctx.clone(), Forwarding::of(peer.ip())));
+    let tunnel = TunnelSlot::default();
+    let shared = Arc::new((Forwarding::of(peer.ip()), tunnel.clone()));
     let service = service_fn(move |req| {
         let (route, shared) = (route.clone(), shared.clone());
-        async move {
-            let (ctx, forwarding) = &*shared;
-            Ok::<_, Infallible>(handle(req, peer, forwarding, &route, ctx).await)
-        }
+        // Boxed: `poll_without_shutdown` wants an `Unpin` future.
+        Box::pin(async move {
+            let (forwarding, tunnel) = &*shared;
+            Ok::<_, Infallible>(handle(req, peer, forwarding, &route, tunnel).await)
+        })
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let end = tokio::select! {
-        biased;
-        r = &mut conn => r,
-        () = ctx.draining.tripped() => {
-            // Shutting down: finish the request in progress, then close.
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                biased;
-                r = &mut conn => r,
-                () = ctx.abort.tripped() => Ok(()),
+        .serve_connection(TokioIo::new(client), service);
+    let mut stopping = false;
+    let mut handing_over = false;
+    let end = loop {
+        tokio::select! {
+            biased;
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
+            // The handover wire trips for a live upgrade, and with `abort`.
+            () = ctx.handover.sessions().tripped(), if !stopping => {
+                if !ctx.handover.is_active() {
+                    return; // cut by shutdown
+                }
+                (stopping, handing_over) = (true, true);
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
             }
+            () = ctx.draining.tripped(), if !stopping => {
+                // Shutting down: finish the request in progress, then close.
+                stopping = true;
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+            }
+            () = ctx.abort.tripped(), if stopping => return,
         }
     };
     if let Err(e) = end {
         debug!(error = %e, "http connection ended with error");
+        duration.observe(started.elapsed().as_secs_f64());
+        return;
+    }
+    let parts = conn.into_parts();
+    let mut client = parts.io.into_inner();
+    // What hyper read past the last request it answered.
+    if !parts.read_buf.is_empty() {
+        client.prefix = [&client.prefix[..], &parts.read_buf[..]].concat().into();
+    }
+    let pending = tunnel.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(t) = pending {
+        ctx.tracker.spawn(t.run(client, open));
+        return;
+    }
+    if handing_over {
+        let frozen = client
+            .stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map(|fd| FrozenHttp {
+                listener,
+                client: fd,
+                peer,
+                pending: client.prefix.to_vec(),
+                age: started.elapsed(),
+            });
+        match frozen.map(|f| ctx.handover.give(Frozen::Http(f))) {
+            Ok(true) => return,
+            Ok(false) => debug!("the handover ended before this connection was taken"),
+            Err(e) => debug!(error = %e, "freezing for the handover failed"),
+        }
     }
     duration.observe(started.elapsed().as_secs_f64());
 }
+
+/// Where a request that switches protocols leaves its tunnel for the
+/// connection task, which starts it on the client socket once hyper has
+/// written the 101 and let go of it.
+#[derive(Clone, Default)]
+struct TunnelSlot(Arc<std::sync::Mutex<Option<Tunnel>>>);
 
 /// Route and forward one request.
 async fn handle(
@@ -122,7 +179,7 @@ async fn handle(
     peer: SocketAddr,
     forwarding: &Forwarding,
     route: &ArcSwap<Route>,
-    ctx: &ConnContext,
+    tunnel: &TunnelSlot,
 ) -> Response<ProxyBody> {
     let route = route.load_full();
     let (settings, shared) = (&route.settings, &route.shared);
@@ -139,7 +196,6 @@ async fn handle(
     }
     let upgrade = wants_upgrade(req.headers());
     prepare_request(&mut req, forwarding, upgrade);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     // Wrap the body: counted per backend once it is known.
     let (parts, body) = req.into_parts();
@@ -195,19 +251,17 @@ async fn handle(
         .http()
         .count(response.status().as_u16());
     let cookie = insert.and_then(|_| route.set_cookie(&backend));
-    if let (true, Some(client_upgrade)) = (is_switch, client_upgrade) {
+    if is_switch && upgrade {
         let mut response = finish_response(response, &backend, None, cookie);
-        let backend_upgrade = hyper::upgrade::on(&mut response);
         // The tunnel is a connection of its own: it keeps the client
-        // counted and the backend slot, and shutdown and mark-down
-        // reach it.
-        let tunnel = Tunnel {
-            open: shared.open.enter(),
+        // counted and the backend slot, and shutdown and mark-down reach
+        // it. The connection task starts it on the client socket.
+        let t = Tunnel {
+            backend: hyper::upgrade::on(&mut response),
             slot,
             cut,
         };
-        ctx.tracker
-            .spawn(tunnel.run(client_upgrade, backend_upgrade));
+        *tunnel.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         return response;
     }
     finish_response(response, &backend, Some(slot), cookie)
@@ -284,8 +338,8 @@ async fn connect(backend: &Backend, settings: &Settings) -> std::io::Result<Send
 
 /// An upgraded connection (WebSocket), relayed as a byte stream.
 struct Tunnel {
-    /// Counted as an open client connection of the listener.
-    open: Open,
+    /// The backend's side, once its 101 has been read.
+    backend: hyper::upgrade::OnUpgrade,
     /// The backend slot (active count, cap) for the tunnel's life.
     slot: Slot,
     /// Tripped if the backend is marked down (`on_marked_down =
@@ -295,13 +349,12 @@ struct Tunnel {
 
 impl Tunnel {
     /// Relay until either side closes, shutdown cuts it, or its backend is
-    /// marked down.
-    async fn run(self, client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-        let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+    /// marked down. `open` keeps it counted as a client connection.
+    async fn run(self, mut client: Prefixed, open: Open) {
+        let Ok(backend) = self.backend.await else {
             debug!("upgrade did not complete");
             return;
         };
-        let mut client = TokioIo::new(client);
         let mut backend = TokioIo::new(backend);
         tokio::select! {
             biased;
@@ -315,7 +368,7 @@ impl Tunnel {
                 false => debug!("upgraded connection cut: backend marked down"),
             },
         }
-        drop((self.open, self.slot));
+        drop((open, self.slot));
     }
 }
 
