@@ -72,9 +72,16 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
-    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(RunError::Signal)?;
     // Started by a live upgrade: the old process waits on this socket.
     let inherited = upgrade::inherited().map_err(RunError::Upgrade)?;
+    // SIGUSR2 is handled from the start, except in a process a live
+    // upgrade started: there it comes ignored and stays so until this
+    // process has taken over (the signal meant for the old process may
+    // reach it too; see `upgrade::Upgrade::start`).
+    let mut sigusr2 = match inherited {
+        None => Some(signal(SignalKind::user_defined2()).map_err(RunError::Signal)?),
+        Some(_) => None,
+    };
 
     let config = config::load_file(&options.config)?;
     let mut watcher = match options.watch {
@@ -114,6 +121,10 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         path: options.config.clone(),
     };
     let mut upgrading: Option<Upgrade> = None;
+    let mut sigusr2 = match sigusr2.take() {
+        Some(s) => s,
+        None => signal(SignalKind::user_defined2()).map_err(RunError::Signal)?,
+    };
 
     loop {
         let file_changed = async {

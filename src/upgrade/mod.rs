@@ -152,7 +152,23 @@ impl Upgrade {
         rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())
             .map_err(|e| format!("fcntl: {e}"))?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let child = tokio::process::Command::new(&exe)
+        let mut command = tokio::process::Command::new(&exe);
+        // SIGUSR2 ignored until the new process has taken over (an ignored
+        // signal stays ignored across exec): `systemctl kill -s USR2`
+        // signals every process of the unit, again and again while new ones
+        // appear, so the new process gets the signal meant for this one
+        // before it could install a handler, and would die of it.
+        // SAFETY: the closure runs between fork and exec and calls only
+        // sigaction (through signal), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::signal(libc::SIGUSR2, libc::SIG_IGN) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .args(&args)
             .env(FD_ENV, theirs.as_raw_fd().to_string())
             // systemd's watchdog names the main process; the new one
