@@ -163,8 +163,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
                                 return Ok(());
                             }
                             Err(reason) => {
-                                daemon.upgrade_failed(&reason);
-                                watchdog = service::spawn_watchdog();
+                                // Past the hello this process has stopped
+                                // accepting and frozen its sessions: it
+                                // cannot go back to serving. Exit 2, so
+                                // that systemd (Restart=on-failure) starts
+                                // the service afresh.
+                                daemon.server.metrics().record_upgrade(false);
+                                error!(%reason, "live upgrade failed during the handover; exiting");
+                                return Err(RunError::Upgrade(reason));
                             }
                         }
                     }
