@@ -49,25 +49,6 @@ fn bench(proxy: SocketAddr, seconds: u64, args: &[&str], grace: Duration) -> db:
     pgbench(&all, Duration::from_secs(seconds) + grace)
 }
 
-/// `/api/v1/status`: backend name → its JSON, for listener "l".
-async fn backends(admin: SocketAddr) -> std::collections::HashMap<String, Value> {
-    let (code, body) = http(admin, "GET", "/api/v1/status", &[], "").await;
-    assert_eq!(code, 200, "{body}");
-    let doc: Value = serde_json::from_str(&body).unwrap();
-    let l = doc["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "l")
-        .expect("listener l in status");
-    l["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| (b["name"].as_str().unwrap().to_owned(), b.clone()))
-        .collect()
-}
-
 fn num(b: &Value, field: &str) -> u64 {
     b[field]
         .as_u64()
@@ -83,7 +64,7 @@ async fn status_until(
     let start = tokio::time::Instant::now();
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
-        let s = backends(admin).await;
+        let s = status_backends(admin, "l").await;
         if cond(&s) {
             return s;
         }
@@ -132,7 +113,7 @@ async fn pgbench_through_leastconn_uses_both_clusters_without_a_failure() {
     let processed = run.processed();
     assert!(processed >= 100, "only {processed} transactions in 10 s");
 
-    let s = backends(admin).await;
+    let s = status_backends(admin, "l").await;
     let (c1, c2) = (
         num(&s["pg1"], "connections_total"),
         num(&s["pg2"], "connections_total"),
@@ -208,7 +189,7 @@ async fn pgbench_survives_a_crashed_cluster_and_moves_to_the_live_one() {
     );
 
     let run = block_in_place(|| run.join().unwrap());
-    let after = backends(admin).await;
+    let after = status_backends(admin, "l").await;
     let aborted = run.aborted_clients();
     // The run finished (bench() fails the test past -T + 10 s), and within
     // a few seconds of -T: pgbench waits for every client, so one client
@@ -259,7 +240,7 @@ async fn pgbench_survives_a_crashed_cluster_and_moves_to_the_live_one() {
     assert_eq!(second.code(), Some(0), "{}", second.output());
     assert_eq!(second.aborted_clients(), 0, "{}", second.output());
     assert_eq!(second.failed(), 0, "{}", second.output());
-    let last = backends(admin).await;
+    let last = status_backends(admin, "l").await;
     assert_eq!(last["pg1"]["health"], "down");
     assert_eq!(
         num(&last["pg1"], "connections_total"),
@@ -320,7 +301,7 @@ async fn pgbench_loses_nothing_when_a_cluster_is_drained_before_it_stops() {
     assert_eq!(run.code(), Some(0), "{}", run.output());
     assert_eq!(run.aborted_clients(), 0, "{}", run.output());
     assert_eq!(run.failed(), 0, "{}", run.output());
-    let after = backends(admin).await;
+    let after = status_backends(admin, "l").await;
     assert_eq!(
         num(&after["pg1"], "connections_total"),
         num(&drained["pg1"], "connections_total"),
@@ -417,7 +398,7 @@ async fn redis_behind_source_hash_benchmarks_clean_and_keeps_each_client_on_one_
     );
     eprintln!("redis-benchmark: {}", finals.join(" | "));
     // All of its 20 connections come from 127.0.0.1: one server took them.
-    let s = backends(admin).await;
+    let s = status_backends(admin, "l").await;
     let (c1, c2) = (
         num(&s["r1"], "connections_total"),
         num(&s["r2"], "connections_total"),

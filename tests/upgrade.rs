@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -260,29 +259,9 @@ async fn clients_connecting_throughout_ten_upgrades_are_all_served() {
     assert!(served.load(Ordering::Relaxed) >= 50);
 }
 
-/// `/api/v1/status`: backend name → its JSON, for `listener`.
-async fn backends(admin: SocketAddr, listener: &str) -> std::collections::HashMap<String, Value> {
-    let (code, body) = http(admin, "GET", "/api/v1/status", &[], "").await;
-    assert_eq!(code, 200, "{body}");
-    let doc: Value = serde_json::from_str(&body).unwrap();
-    let l = doc["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == listener)
-        .expect("listener in status")
-        .clone();
-    l["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| (b["name"].as_str().unwrap().to_owned(), b.clone()))
-        .collect()
-}
-
 /// (health, admin state) of every backend of listener `l`.
 async fn states(admin: SocketAddr) -> Vec<(String, String, String)> {
-    let mut v: Vec<_> = backends(admin, "l")
+    let mut v: Vec<_> = status_backends(admin, "l")
         .await
         .into_iter()
         .map(|(name, b)| {

@@ -963,3 +963,26 @@ impl NotifySocket {
         (String::from_utf8_lossy(&buf[..r.bytes]).into_owned(), pid)
     }
 }
+
+/// `/api/v1/status`: backend name → its JSON, for `listener`.
+pub async fn status_backends(
+    admin: SocketAddr,
+    listener: &str,
+) -> HashMap<String, serde_json::Value> {
+    let (code, body) = http(admin, "GET", "/api/v1/status", &[], "").await;
+    assert_eq!(code, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = doc["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == listener)
+        .unwrap_or_else(|| panic!("no listener {listener} in status"))
+        .clone();
+    l["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_owned(), b.clone()))
+        .collect()
+}
