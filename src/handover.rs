@@ -3,8 +3,9 @@
 //! switch that freezes them.
 //!
 //! Every backend's cut wire is a child of [`Handover::sessions`], so tripping
-//! it wakes every established tcp-mode session at once, whatever it waits
-//! for. A session that wakes while a handover [`is_active`](Handover::is_active)
+//! it ([`Handover::freeze`]) wakes every established tcp-mode session and
+//! udp session at once, whatever it waits for; HTTP-mode connections wait
+//! on it too and stop between two requests. A session that wakes while a handover [`is_active`](Handover::is_active)
 //! does not close: it gives its sockets (duplicated) and the bytes it holds
 //! to [`Handover::give`] and ends without a FIN, and the upgrade's owner
 //! (`upgrade`) sends them on. The wire is also tripped by the server's

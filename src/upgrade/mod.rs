@@ -13,9 +13,11 @@
 //!    is refused); the new process starts serving them at once;
 //! 2. old: every established tcp-mode session freezes (`handover`) and goes
 //!    over with its two sockets and the bytes it held; connections still
-//!    being placed follow as soon as they are established; HTTP-mode
-//!    connections finish their request in progress and close, udp sessions
-//!    end (their listener is the new process's);
+//!    being placed follow as soon as they are established; udp sessions go
+//!    with their connected sockets (the new listener adopts them before it
+//!    reads a datagram); HTTP-mode client connections go between two
+//!    requests, with what was read ahead (one in progress is answered
+//!    first); WebSocket tunnels finish here;
 //! 3. once the old process holds no connection (or after `shutdown_timeout`),
 //!    its counters, then its admin socket, then `Done`; the new process
 //!    adopts the connections, carries the counters (before it serves a
