@@ -401,8 +401,9 @@ impl Server {
     }
 
     /// Go on serving a tcp-mode connection a live upgrade handed over, on
-    /// its listener and backend here; false (and it is closed) if there is
-    /// no such tcp listener or backend now (the config changed on disk).
+    /// its listener and backend here (an http listener's WebSocket tunnels
+    /// are such connections too); false (and it is closed) if there is no
+    /// such listener or backend now (the config changed on disk).
     pub fn adopt(&self, frozen: crate::handover::FrozenTcp) -> bool {
         let Some(l) = self.listeners.get(&frozen.listener) else {
             return false;
@@ -413,7 +414,8 @@ impl Server {
             .backends
             .iter()
             .find(|b| b.name == frozen.backend);
-        let Some(backend) = backend.filter(|_| route.settings.mode == crate::config::Mode::Tcp)
+        // tcp mode, or an http listener's upgraded (WebSocket) tunnel.
+        let Some(backend) = backend.filter(|_| route.settings.mode != crate::config::Mode::Udp)
         else {
             return false;
         };

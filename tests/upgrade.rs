@@ -645,7 +645,8 @@ async fn systemd_is_told_the_new_main_pid_before_the_new_process_is_ready() {
 /// HTTP mode: a keep-alive client connection that is between two requests
 /// moves to the new process and its next requests are answered on the same
 /// connection; one with a request in progress (a chunked upload half sent)
-/// has it answered in full by the old process, then moves too.
+/// has it answered in full by the old process, then moves too; an upgraded
+/// (WebSocket-style) tunnel moves as a byte stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_connections_move_between_requests_and_finish_the_one_in_progress() {
     let exe = Exe::new();
@@ -657,6 +658,17 @@ async fn http_connections_move_between_requests_and_finish_the_one_in_progress()
     );
     let mut d = block_in_place(|| exe.start(&toml));
     let proxy = d.addr("w");
+    // A WebSocket-style tunnel (the backend echoes after its 101).
+    let mut ws = TcpStream::connect(proxy).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut ws, b"\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        echo(&mut ws, b"through the tunnel").await,
+        b"through the tunnel"
+    );
     let mut idle = HttpClient::connect(proxy).await;
     for i in 0..3 {
         let r = idle.get(&format!("/before/{i}"), &[]).await;
@@ -670,7 +682,7 @@ async fn http_connections_move_between_requests_and_finish_the_one_in_progress()
     .await
     .unwrap();
     wait_for("the upload reached the backend", || {
-        h.requests.load(Ordering::SeqCst) == 4
+        h.requests.load(Ordering::SeqCst) == 5
     })
     .await;
 
@@ -695,6 +707,11 @@ async fn http_connections_move_between_requests_and_finish_the_one_in_progress()
         assert_eq!((r.status, r.header("x-backend")), (200, "h"));
         assert_eq!(r.header("x-seen-xff"), "127.0.0.1");
     }
+    // The tunnel moved as a byte stream.
+    assert_eq!(
+        echo(&mut ws, b"after the upgrade").await,
+        b"after the upgrade"
+    );
     // The connection that was busy moved too, once its request was done.
     busy.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -707,6 +724,14 @@ async fn http_connections_move_between_requests_and_finish_the_one_in_progress()
     assert_eq!(block_in_place(|| d.upgrade()), 0);
     let r = idle.get("/after/second-upgrade", &[]).await;
     assert_eq!(r.status, 200);
+}
+
+/// Write `msg` and read as many bytes back.
+async fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    back
 }
 
 /// Read until what came so far ends with `end` (or fail at the deadline).

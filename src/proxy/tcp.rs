@@ -31,7 +31,7 @@ use super::queue::{Open, Slot};
 use super::relay::{End, Relay};
 use crate::backend::Backend;
 use crate::config::ProxyProtocol;
-use crate::handover::{Frozen, FrozenTcp};
+use crate::handover::{Frozen, FrozenTcp, Pending};
 use crate::sockets;
 use crate::sync::{Tripped, Tripwire};
 
@@ -248,21 +248,59 @@ pub fn adopt(
         TcpStream::from_std(s)
     };
     let settings = &route.settings;
-    let keepalive = settings.keepalive.filter(|_| frozen.keepalive_pending);
-    Ok(Connection::Relaying {
+    Ok(established(Established {
+        client: stream(frozen.client)?,
+        upstream: stream(frozen.upstream)?,
+        c2b: frozen.c2b,
+        b2c: frozen.b2c,
+        idle: settings.idle_timeout,
+        keepalive: settings.keepalive.filter(|_| frozen.keepalive_pending),
+        cut: backend.state.cut_signal(),
+        duration: route.shared.metrics.connection_duration.clone(),
+        started: Instant::now()
+            .checked_sub(frozen.age)
+            .unwrap_or_else(Instant::now),
+        slot: route.shared.queue.adopt_slot(backend),
+        open,
+    }))
+}
+
+/// A byte stream between a client and a backend that is already set up
+/// elsewhere: a connection a live upgrade handed over, or an HTTP
+/// connection upgraded to a tunnel (WebSocket).
+pub struct Established {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Bytes already read from the client, to go to the backend first.
+    pub c2b: Pending,
+    /// Bytes already read from the backend, to go to the client first.
+    pub b2c: Pending,
+    pub idle: std::time::Duration,
+    /// Still to set on the backend socket.
+    pub keepalive: Option<crate::config::Keepalive>,
+    pub cut: Tripwire,
+    pub duration: Histogram,
+    pub started: Instant,
+    pub slot: Slot,
+    pub open: Open,
+}
+
+/// Relay an [`Established`] stream as a tcp-mode session: the same relay
+/// (splice for bulk, half-close, idle timeout), counters and cut, and a
+/// live upgrade hands it over like any other.
+pub fn established(e: Established) -> Connection {
+    Connection::Relaying {
         session: Session {
-            relay: Relay::resume(settings.idle_timeout, keepalive, frozen.c2b, frozen.b2c),
-            client: stream(frozen.client)?,
-            upstream: stream(frozen.upstream)?,
-            cut: backend.state.cut_signal().tripped(),
-            duration: route.shared.metrics.connection_duration.clone(),
-            started: Instant::now()
-                .checked_sub(frozen.age)
-                .unwrap_or_else(Instant::now),
-            slot: route.shared.queue.adopt_slot(backend),
-            _open: open,
+            relay: Relay::resume(e.idle, e.keepalive, e.c2b, e.b2c),
+            client: e.client,
+            upstream: e.upstream,
+            cut: e.cut.tripped(),
+            duration: e.duration,
+            started: e.started,
+            slot: e.slot,
+            _open: e.open,
         },
-    })
+    }
 }
 
 /// Connect to the first candidate that answers and is below its cap.

@@ -17,7 +17,7 @@
 //!    with their connected sockets (the new listener adopts them before it
 //!    reads a datagram); HTTP-mode client connections go between two
 //!    requests, with what was read ahead (one in progress is answered
-//!    first); WebSocket tunnels finish here;
+//!    first); WebSocket tunnels are tcp-mode sessions and move as such;
 //! 3. once the old process holds no connection (or after `shutdown_timeout`),
 //!    its counters, then its admin socket, then `Done`; the new process
 //!    adopts the connections, carries the counters (before it serves a

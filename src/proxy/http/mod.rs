@@ -52,7 +52,7 @@ use super::prefixed::Prefixed;
 use super::queue::{Open, Slot};
 use super::{ConnContext, Route, Settings, Shared, lbcookie};
 use crate::backend::{Backend, Via};
-use crate::handover::{Frozen, FrozenHttp};
+use crate::handover::{Frozen, FrozenHttp, Pending};
 use crate::metrics::Reject;
 use crate::sockets;
 use crate::sync::Tripwire;
@@ -93,6 +93,7 @@ pub async fn serve(
         )
     };
     let tunnel = TunnelSlot::default();
+    let route_cell = route.clone();
     let shared = Arc::new((Forwarding::of(peer.ip()), tunnel.clone()));
     let service = service_fn(move |req| {
         let (route, shared) = (route.clone(), shared.clone());
@@ -143,7 +144,8 @@ pub async fn serve(
     }
     let pending = tunnel.0.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(t) = pending {
-        ctx.tracker.spawn(t.run(client, open));
+        // This task goes on as the tunnel (still tracked).
+        t.run(client, open, &route_cell, started).await;
         return;
     }
     if handing_over {
@@ -336,7 +338,7 @@ async fn connect(backend: &Backend, settings: &Settings) -> std::io::Result<Send
     Ok(sender)
 }
 
-/// An upgraded connection (WebSocket), relayed as a byte stream.
+/// An upgraded connection (WebSocket), to be relayed as a byte stream.
 struct Tunnel {
     /// The backend's side, once its 101 has been read.
     backend: hyper::upgrade::OnUpgrade,
@@ -348,27 +350,42 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    /// Relay until either side closes, shutdown cuts it, or its backend is
-    /// marked down. `open` keeps it counted as a client connection.
-    async fn run(self, mut client: Prefixed, open: Open) {
+    /// Relay as a tcp-mode session from here (`open` keeps it counted as
+    /// a client connection): the same relay, counters and cut, and a live
+    /// upgrade hands it over like any tcp connection.
+    async fn run(self, client: Prefixed, open: Open, route: &ArcSwap<Route>, started: Instant) {
         let Ok(backend) = self.backend.await else {
             debug!("upgrade did not complete");
             return;
         };
-        let mut backend = TokioIo::new(backend);
-        tokio::select! {
-            biased;
-            r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-                if let Err(e) = r {
-                    debug!(error = %e, "upgraded connection ended with error");
-                }
-            }
-            () = self.cut.tripped() => match self.cut.parent_tripped() {
-                true => debug!("upgraded connection cut by shutdown"),
-                false => debug!("upgraded connection cut: backend marked down"),
+        // The backend connection is ours (made by `connect`): its socket,
+        // and what hyper read past the 101.
+        let Ok(parts) = backend.downcast::<TokioIo<tokio::net::TcpStream>>() else {
+            debug!("upgraded backend connection is not a TCP stream");
+            return;
+        };
+        let route = route.load();
+        let conn = super::tcp::established(super::tcp::Established {
+            client: client.stream,
+            upstream: parts.io.into_inner(),
+            c2b: Pending {
+                bytes: client.prefix.to_vec(),
+                done: false,
             },
-        }
-        drop((open, self.slot));
+            b2c: Pending {
+                bytes: parts.read_buf.to_vec(),
+                done: false,
+            },
+            idle: route.settings.idle_timeout,
+            keepalive: None, // set on the backend socket when it was made
+            cut: self.cut,
+            duration: route.shared.metrics.connection_duration.clone(),
+            started,
+            slot: self.slot,
+            open,
+        });
+        drop(route);
+        conn.await;
     }
 }
 
