@@ -137,8 +137,20 @@ while True:
 EOF
 CLIENT=$!
 ask() { echo >"$work/ask"; cat "$work/told"; }
-sleep 1
-echo "client: $(ask) before the upgrades"
+# Wait (up to 10 s) until the client has had N more lines echoed than it
+# had when asked first; print its report.
+echoed_more() {
+    local first n report
+    first=$(ask | cut -d' ' -f1)
+    for _ in $(seq 100); do
+        report=$(ask)
+        n=${report%% *}
+        ((n >= first + $1)) && break
+        sleep 0.1
+    done
+    echo "$report"
+}
+echo "client: $(echoed_more 3) before the upgrades"
 
 fail=0
 for i in 1 2 3; do
@@ -152,12 +164,12 @@ for i in 1 2 3; do
     done
     for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.05; done
     gone=yes; kill -0 "$old" 2>/dev/null && gone=no
-    sleep 1
-    line="upgrade $i: MainPID $old -> $new, old gone: $gone, ActiveState=$(show ActiveState), NRestarts=$(show NRestarts), client: $(ask)"
+    line="upgrade $i: MainPID $old -> $new, old gone: $gone, ActiveState=$(show ActiveState), NRestarts=$(show NRestarts), client: $(echoed_more 3)"
     echo "$line"
     [[ $new != "$old" && $gone == yes && $line == *"ActiveState=active, NRestarts=0"* && $line == *" ok" ]] || fail=1
 done
-# Two watchdog periods: a main process that did not ping would be killed.
+# Two watchdog periods must pass (this waits for time itself, not for an
+# event): a main process that did not ping would be killed meanwhile.
 sleep 13
 final="after two watchdog periods: ActiveState=$(show ActiveState) SubState=$(show SubState) NRestarts=$(show NRestarts) MainPID=$(show MainPID), client: $(ask)"
 echo "$final"

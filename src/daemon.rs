@@ -12,8 +12,8 @@ use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
 use crate::server::{Server, StartError};
 use crate::service;
-use crate::upgrade;
-use crate::upgrade::{TakeOver, Upgrade};
+use crate::sockets;
+use crate::upgrade::{self, TakeOver, Upgrade};
 use crate::watch::ConfigWatcher;
 
 /// Why the daemon stopped other than cleanly. Maps to the exit codes of the
@@ -219,17 +219,12 @@ async fn take_over(
         .map_err(RunError::Upgrade)?;
     server.reload_inherited(config, sockets).await?;
     let handed = takeover.rest(server).await.map_err(RunError::Upgrade)?;
+    let handed = handed.and_then(|fd| sockets::inherited_listener(fd).ok());
     let admin = match (admin_bind, handed) {
         (None, _) => None,
-        (Some(bind), Some(l))
-            if l.local_addr()
-                .is_ok_and(|a| a == bind || (bind.port() == 0 && a.ip() == bind.ip())) =>
-        {
-            let serve = || -> std::io::Result<AdminServer> {
-                l.set_nonblocking(true)?;
-                AdminServer::serve_on(tokio::net::TcpListener::from_std(l)?, admin_ctx.clone())
-            };
-            Some(serve().map_err(|source| RunError::Admin { addr: bind, source })?)
+        (Some(bind), Some(l)) if l.local_addr().is_ok_and(|a| sockets::serves(a, bind)) => {
+            let served = AdminServer::serve_on(l, admin_ctx.clone());
+            Some(served.map_err(|source| RunError::Admin { addr: bind, source })?)
         }
         (Some(bind), _) => Some(start_admin(bind, admin_ctx)?),
     };

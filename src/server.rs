@@ -158,9 +158,8 @@ impl Server {
                 let l = find(change.listener()).expect("diff names new listeners");
                 let fitting = inherited.remove(&l.name).filter(|b| {
                     b.fits(l.mode)
-                        && b.local_addr().is_ok_and(|a| {
-                            a == l.bind || (l.bind.port() == 0 && a.ip() == l.bind.ip())
-                        })
+                        && b.local_addr()
+                            .is_ok_and(|a| crate::sockets::serves(a, l.bind))
                 });
                 let socket = match fitting {
                     Some(socket) => socket,
@@ -356,14 +355,15 @@ impl Server {
         Some(route.shared.queue.waiting())
     }
 
-    /// Every listener's socket and mode, for a live upgrade to hand over.
-    pub fn sockets(&self) -> Vec<(Arc<str>, crate::config::Mode, std::os::fd::BorrowedFd<'_>)> {
+    /// Every listener's socket, for a live upgrade to hand over (the new
+    /// process tells a udp one by its type).
+    pub fn sockets(&self) -> Vec<(Arc<str>, std::os::fd::BorrowedFd<'_>)> {
         self.config
             .listeners
             .iter()
             .filter_map(|c| {
                 let l = self.listeners.get(&c.name)?;
-                Some((c.name.clone(), c.mode, l.frontend.socket()?))
+                Some((c.name.clone(), l.frontend.socket()?))
             })
             .collect()
     }
@@ -445,11 +445,7 @@ impl Server {
         if current.settings.mode != crate::config::Mode::Http {
             return false;
         }
-        let stream = std::net::TcpStream::from(frozen.client);
-        let stream = match stream
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(stream))
-        {
+        let stream = match crate::sockets::inherited_stream(frozen.client) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "a handed-over http connection could not be adopted");

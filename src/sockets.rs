@@ -173,6 +173,34 @@ pub fn set_keepalive<'s>(sock: impl Into<SockRef<'s>>, k: Keepalive) {
     }
 }
 
+/// A TCP stream handed over by another process (live upgrade), on this
+/// runtime. Its options are as that process set them.
+pub fn inherited_stream(fd: std::os::fd::OwnedFd) -> io::Result<TcpStream> {
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    TcpStream::from_std(s)
+}
+
+/// A listening socket handed over by another process, on this runtime.
+pub fn inherited_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+/// A UDP socket handed over by another process, on this runtime.
+pub fn inherited_udp(fd: std::os::fd::OwnedFd) -> io::Result<UdpSocket> {
+    let s = std::net::UdpSocket::from(fd);
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}
+
+/// Whether a socket bound to `local` serves a config that says `bind`:
+/// the same address, or any port of the same IP for port 0.
+pub fn serves(local: SocketAddr, bind: SocketAddr) -> bool {
+    local == bind || (bind.port() == 0 && local.ip() == bind.ip())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

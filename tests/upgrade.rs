@@ -553,7 +553,7 @@ async fn pgbench_sessions_move_across_three_upgrades() {
             Duration::from_secs(20) + DEADLINE * 3,
         )
     });
-    // Upgrades once the clients are connected, spread over the run.
+    // Upgrades once the clients are connected.
     eventually("pgbench's clients connected", || async {
         let n = block_in_place(|| sessions(&pg)) - sessions_before;
         if n >= CLIENTS {
@@ -563,8 +563,23 @@ async fn pgbench_sessions_move_across_three_upgrades() {
         }
     })
     .await;
+    // Each process commits transactions of the moved sessions before the
+    // next upgrade (pgbench_history gains a row per transaction).
+    let committed = || -> u64 {
+        let n = block_in_place(|| pg.psql("select count(*) from pgbench_history"));
+        n.trim().parse().unwrap()
+    };
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = committed();
+        eventually("transactions through this process", || async {
+            let now = committed();
+            if now >= before + 200 {
+                Ok(())
+            } else {
+                Err(format!("{} since the last upgrade", now - before))
+            }
+        })
+        .await;
         assert_eq!(block_in_place(|| d.upgrade()), 0);
     }
     let run = block_in_place(|| bench.join().unwrap());
@@ -581,12 +596,13 @@ async fn pgbench_sessions_move_across_three_upgrades() {
     );
 }
 
-/// Sessions PostgreSQL has authorized so far (its log's
-/// `connection authorized` lines).
+/// pgbench sessions PostgreSQL has authorized so far (its log's
+/// `connection authorized` lines; the test's own psql queries are not
+/// counted).
 fn sessions(pg: &db::Postgres) -> u64 {
     pg.log()
         .lines()
-        .filter(|l| l.contains("connection authorized"))
+        .filter(|l| l.contains("connection authorized") && l.contains("application_name=pgbench"))
         .count() as u64
 }
 

@@ -213,16 +213,8 @@ impl Bound {
         sessions: Option<UdpAdoption>,
     ) -> std::io::Result<Bound> {
         Ok(match mode {
-            Mode::Udp => {
-                let s = std::net::UdpSocket::from(fd);
-                s.set_nonblocking(true)?;
-                Bound::Udp(UdpSocket::from_std(s)?, sessions)
-            }
-            Mode::Tcp | Mode::Http => {
-                let l = std::net::TcpListener::from(fd);
-                l.set_nonblocking(true)?;
-                Bound::Tcp(TcpListener::from_std(l)?)
-            }
+            Mode::Udp => Bound::Udp(crate::sockets::inherited_udp(fd)?, sessions),
+            Mode::Tcp | Mode::Http => Bound::Tcp(crate::sockets::inherited_listener(fd)?),
         })
     }
 

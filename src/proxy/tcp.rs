@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -242,15 +242,10 @@ pub fn adopt(
     backend: &Backend,
     open: Open,
 ) -> std::io::Result<Connection> {
-    let stream = |fd: OwnedFd| {
-        let s = std::net::TcpStream::from(fd);
-        s.set_nonblocking(true)?;
-        TcpStream::from_std(s)
-    };
     let settings = &route.settings;
     Ok(established(Established {
-        client: stream(frozen.client)?,
-        upstream: stream(frozen.upstream)?,
+        client: sockets::inherited_stream(frozen.client)?,
+        upstream: sockets::inherited_stream(frozen.upstream)?,
         c2b: frozen.c2b,
         b2c: frozen.b2c,
         idle: settings.idle_timeout,

@@ -241,7 +241,7 @@ impl Upgrade {
         let ctx = server.context().clone();
         let mut frozen = ctx.handover.open();
         server.stop_accepting().await;
-        for (name, _mode, fd) in server.sockets() {
+        for (name, fd) in server.sockets() {
             let fd = fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"))?;
             let mut frame = Frame::new(ToNew::Listener {
                 name: name.to_string(),
@@ -438,7 +438,7 @@ impl TakeOver {
     /// Connections, counters and the admin socket, up to `Done`; then
     /// adopt the connections and answer. Returns the admin socket if one
     /// came.
-    pub async fn rest(&mut self, server: &Server) -> Result<Option<std::net::TcpListener>, String> {
+    pub async fn rest(&mut self, server: &Server) -> Result<Option<OwnedFd>, String> {
         let mut connections = Vec::new();
         let mut udp: HashMap<String, Vec<FrozenUdp>> = HashMap::new();
         let mut http = Vec::new();
@@ -525,7 +525,7 @@ impl TakeOver {
                 ToNew::Admin => {
                     let mut fds = frame.fds;
                     let fd = fds.pop().ok_or("the admin endpoint without its socket")?;
-                    admin = Some(std::net::TcpListener::from(fd));
+                    admin = Some(fd);
                 }
                 ToNew::Done => break,
                 other => return Err(format!("unexpected message: {other:?}")),

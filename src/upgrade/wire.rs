@@ -61,18 +61,14 @@ pub fn send<M: Serialize>(sock: &mut UnixStream, frame: &Frame<M>) -> io::Result
     if !fds.is_empty() {
         control.push(SendAncillaryMessage::ScmRights(&fds));
     }
-    let mut sent = rustix::net::sendmsg(
+    let sent = rustix::net::sendmsg(
         &*sock,
         &[IoSlice::new(&head)],
         &mut control,
         SendFlags::NOSIGNAL,
     )?;
-    if sent < HEAD {
-        // The descriptors went with the first byte; the rest is plain.
-        sock.write_all(&head[sent..])?;
-        sent = HEAD;
-    }
-    debug_assert_eq!(sent, HEAD);
+    // The descriptors went with the first byte; the rest is plain.
+    sock.write_all(&head[sent..])?;
     sock.write_all(&json)?;
     sock.write_all(&frame.data)?;
     Ok(())

@@ -293,11 +293,7 @@ impl Table {
             warn!(backend = %frozen.backend, client = %frozen.client, "a handed-over udp session has no backend here; closed");
             return;
         };
-        let toward = std::net::UdpSocket::from(frozen.toward);
-        let toward = match toward
-            .set_nonblocking(true)
-            .and_then(|()| UdpSocket::from_std(toward))
-        {
+        let toward = match sockets::inherited_udp(frozen.toward) {
             Ok(t) => t,
             Err(e) => {
                 warn!(error = %e, "a handed-over udp session could not be adopted");
