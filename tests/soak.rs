@@ -1,0 +1,2 @@
+//! Chaos soak (placeholder until written).
+fn main() {}
