@@ -519,6 +519,12 @@ impl Report {
         if !lost.is_empty() {
             failed.push(format!("{} connections lost", lost.len()));
         }
+        if self.no_backend.iter().any(|&n| n > 0) {
+            failed.push(format!(
+                "connections closed for want of a backend (tcp, web, redis): {:?}",
+                self.no_backend
+            ));
+        }
         let not_whole = self.stats.http_not_whole.load(Relaxed);
         let cut_lost = lost.iter().filter(|f| f.cut_response).count();
         if not_whole > 0 || cut_lost > 0 {
@@ -638,7 +644,13 @@ impl Report {
         );
         row(w, "LOST", [0, 1, 2].map(|l| count(l, Verdict::Lost)));
         row(w, "no_backend rejections", self.no_backend);
-        row(w, "backend connect errors", self.connect_errors);
+        row(w, "connect errors (see note)", self.connect_errors);
+        let _ = writeln!(
+            w,
+            "  {:<28}the daemon's counters of the backends configured at the end, since \
+             each was last added",
+            "  note"
+        );
         let _ = writeln!(
             w,
             "  {:<28}{} requests; {} responses from a backend, {} whole, {} cut (body \
@@ -764,6 +776,10 @@ impl Report {
         let checks = [
             ("zero lost connections", lost.is_empty()),
             (
+                "zero no_backend rejections",
+                self.no_backend.iter().all(|&n| n == 0),
+            ),
+            (
                 "every HTTP response whole",
                 s.http_not_whole.load(Relaxed) == 0 && !lost.iter().any(|f| f.cut_response),
             ),
@@ -795,22 +811,25 @@ impl Report {
                 f.what
             );
         }
-        for (_, f, o) in judged
-            .iter()
-            .filter(|(v, ..)| *v == Verdict::ExcusedUnknown)
-            .take(10)
-        {
-            let o = o.expect("an outage");
-            let _ = writeln!(
-                w,
-                "  excused (unknown backend) {} t+{:.3}..{:.3}s during {}'s outage at t+{:.3}s: {}",
-                LISTENERS[f.listener],
-                at(f.start),
-                at(f.end),
-                o.backend,
-                at(o.from),
-                f.what
-            );
+        for (label, verdict, n) in [
+            ("excused", Verdict::Excused, 5),
+            ("cut at mark-down", Verdict::CutAtMarkDown, 5),
+            ("excused (unknown backend)", Verdict::ExcusedUnknown, 10),
+        ] {
+            for (_, f, o) in judged.iter().filter(|(v, ..)| *v == verdict).take(n) {
+                let o = o.expect("an outage");
+                let _ = writeln!(
+                    w,
+                    "  {label} {} t+{:.3}..{:.3}s, {} {} at t+{:.3}s: {}",
+                    LISTENERS[f.listener],
+                    at(f.start),
+                    at(f.end),
+                    o.backend,
+                    if o.frozen { "frozen" } else { "killed" },
+                    at(o.from),
+                    f.what
+                );
+            }
         }
         for l in unexpected.iter().take(20) {
             let _ = writeln!(w, "  unexpected error line: {l}");

@@ -234,20 +234,24 @@ impl Chaos {
         self.wait_all_in_rotation().await;
     }
 
-    /// One random event on a random listener.
+    /// One random event on a random listener (up to three draws, if the
+    /// first ones cannot be done now).
     pub async fn step(&mut self) {
-        let p = self.rng.below(3) as usize;
-        let done = match self.rng.below(100) {
-            0..25 => self.try_kill(p).await,
-            25..50 => self.try_revive(p).await,
-            50..70 => self.try_reload(p).await,
-            70..95 => self.try_admin(p).await,
-            _ => {
-                self.scrape().await;
-                true
+        for _ in 0..3 {
+            let p = self.rng.below(3) as usize;
+            let done = match self.rng.below(100) {
+                0..25 => self.try_kill(p).await,
+                25..50 => self.try_revive(p).await,
+                50..70 => self.try_reload(p).await,
+                70..95 => self.try_admin(p).await,
+                _ => {
+                    self.scrape().await;
+                    true
+                }
+            };
+            if done {
+                return;
             }
-        };
-        if !done {
             self.tally.skipped += 1;
         }
     }

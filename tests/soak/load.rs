@@ -293,7 +293,9 @@ async fn http_conn(
         sender
             .ready()
             .await
-            .map_err(|e| Fail::outage(format!("request {i}: connection closed before it: {e}")))?;
+            // Only after a whole response: the daemon has no reason to
+            // close the connection then.
+            .map_err(|e| Fail::never(format!("request {i}: connection closed before it: {e}")))?;
         let req = hyper::Request::post(format!("/soak/{i}"))
             .header("host", "soak.test")
             .body(Full::new(body.clone()))
