@@ -128,6 +128,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         on_marked_down,
         health_check,
         header_timeout,
+        body_timeout,
         sticky,
         udp_replies,
         backends: _,
@@ -148,6 +149,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *on_marked_down == b.on_marked_down
         && *health_check == b.health_check
         && *header_timeout == b.header_timeout
+        && *body_timeout == b.body_timeout
         && *sticky == b.sticky
         && *udp_replies == b.udp_replies
 }

@@ -138,6 +138,9 @@ pub struct ListenerConfig {
     pub health_check: HealthCheck,
     /// HTTP mode: time allowed for a request's headers.
     pub header_timeout: Duration,
+    /// HTTP mode: longest a request body may go without a byte from the
+    /// client, or a response without the client taking a byte.
+    pub body_timeout: Duration,
     /// HTTP mode: lbCookie stickiness.
     pub sticky: Option<Sticky>,
     /// UDP mode: a session ends after this many replies.

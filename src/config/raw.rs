@@ -100,6 +100,9 @@ pub(super) struct RawListener {
     /// HTTP mode: how long a client may take to send a request's headers.
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
+    /// HTTP mode: how long a body may go without a byte moving.
+    #[serde(default, with = "humantime_serde")]
+    pub body_timeout: Option<Duration>,
     pub sticky: Option<RawSticky>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
@@ -258,6 +261,12 @@ pub(super) mod defaults {
     /// mobile client, short enough that idle sockets do not pile up.
     pub fn header_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    /// nginx's `client_body_timeout` and `send_timeout` are 60 s; half
+    /// that is plenty for a client that is alive, and halves what a
+    /// stalled one holds.
+    pub fn body_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     /// The reference service's health check: TCP connect every 2 s, down
     /// after 3 failures (HAProxy's `inter 2s fall 3 rise 2`).

@@ -93,7 +93,7 @@ fn dns_server(text: &str) -> Result<SocketAddr, String> {
 /// `[admin]`: an address that parses (no name to resolve) and a token file
 /// that reads.
 fn admin(a: RawAdmin, at: &FieldPath) -> Result<AdminConfig, FieldError> {
-    let bind = a.bind.parse().map_err(|_| {
+    let bind: SocketAddr = a.bind.parse().map_err(|_| {
         err(
             at.key("bind"),
             format!(
@@ -106,6 +106,18 @@ fn admin(a: RawAdmin, at: &FieldPath) -> Result<AdminConfig, FieldError> {
         None => None,
         Some(file) => Some(read_token(file).map_err(|m| err(at.key("token_file"), m))?),
     };
+    // State changes drain and stop backends: off loopback, whoever reaches
+    // the address could do that without a token.
+    if token.is_none() && !bind.ip().to_canonical().is_loopback() {
+        return Err(err(
+            at.key("bind"),
+            format!(
+                "`{bind}` is reachable off this host and `[admin] token_file` is not set; \
+                 set `token_file` (state changes then need the token) or bind to loopback \
+                 (\"127.0.0.1:9900\")"
+            ),
+        ));
+    }
     Ok(AdminConfig { bind, token })
 }
 
@@ -141,7 +153,18 @@ fn listener(
         None => None,
         Some(st) => Some(sticky(st, l.mode, &at.key("sticky"))?),
     };
-    let header_timeout = header_timeout(l.header_timeout, l.mode, &at.key("header_timeout"))?;
+    let header_timeout = http_timeout(
+        l.header_timeout,
+        defaults::header_timeout,
+        l.mode,
+        &at.key("header_timeout"),
+    )?;
+    let body_timeout = http_timeout(
+        l.body_timeout,
+        defaults::body_timeout,
+        l.mode,
+        &at.key("body_timeout"),
+    )?;
     let allow = match &l.allow {
         None => None,
         Some(list) => Some(allow(list, at)?),
@@ -174,6 +197,7 @@ fn listener(
         on_marked_down: l.on_marked_down,
         health_check,
         header_timeout,
+        body_timeout,
         sticky,
         udp_replies: l.udp_replies,
         backends,
@@ -245,18 +269,20 @@ fn listener_bind(
     Ok(bind)
 }
 
-/// HTTP mode's `header_timeout`: refused in tcp mode, defaulted in http mode.
-fn header_timeout(
+/// An HTTP mode timeout (`header_timeout`, `body_timeout`): refused in
+/// other modes, defaulted in http mode.
+fn http_timeout(
     written: Option<Duration>,
+    default: fn() -> Duration,
     mode: Mode,
     at: &FieldPath,
 ) -> Result<Duration, FieldError> {
     if written.is_some() && mode != Mode::Http {
         return Err(err(at.clone(), "only applies to `mode = \"http\"`".into()));
     }
-    let header_timeout = written.unwrap_or_else(defaults::header_timeout);
-    positive(header_timeout, at)?;
-    Ok(header_timeout)
+    let timeout = written.unwrap_or_else(default);
+    positive(timeout, at)?;
+    Ok(timeout)
 }
 
 /// A PROXY header only in tcp mode: HTTP mode says who the client is in a
@@ -794,6 +820,16 @@ mod tests {
                 "header timeout on tcp",
             ),
             (
+                "body_timeout = \"5s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:4:16: listener[0].body_timeout: only applies",
+                "body timeout on tcp",
+            ),
+            (
+                "mode = \"http\"\nbody_timeout = \"0s\"\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
+                "test.toml:5:16: listener[0].body_timeout: must be greater than zero",
+                "zero body timeout",
+            ),
+            (
                 "allow = [\"10.0.0.0/8\", \"10.0.0.300\"]\n[[listener.backend]]\nname = \"x\"\naddress = \"127.0.0.1:2\"\n",
                 "test.toml:4:24: listener[0].allow[1]: `10.0.0.300` is not an address or CIDR",
                 "bad allow entry",
@@ -1146,6 +1182,20 @@ mod tests {
         assert!(!secret.matches(b"s3cre"));
         assert!(!format!("{secret:?}").contains("s3cret"));
         assert!(load("").unwrap().admin.is_none());
+
+        for bind in ["0.0.0.0:9900", "[::]:9900", "10.1.2.3:9900"] {
+            let e = error(&format!("[admin]\nbind = \"{bind}\"\n"));
+            assert!(
+                e.starts_with("test.toml:2:8: admin.bind: `") && e.contains("set `token_file`"),
+                "{e}"
+            );
+            let with_token = format!(
+                "[admin]\nbind = \"{bind}\"\ntoken_file = \"{}\"\n",
+                token.display()
+            );
+            assert!(load(&with_token).is_ok(), "{bind}");
+        }
+        assert!(load("[admin]\nbind = \"[::1]:9900\"\n").is_ok());
 
         std::fs::write(&token, " \n").unwrap();
         let e = error(&format!(
