@@ -26,24 +26,23 @@
 //! ([`super::connect`]). Connection upgrades (WebSocket) get a dedicated
 //! backend connection and are then relayed as a byte stream.
 
+mod body;
 pub mod pool;
+mod stall;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::IntCounter;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -56,8 +55,10 @@ use crate::handover::{Frozen, FrozenHttp, Pending};
 use crate::metrics::Reject;
 use crate::sockets;
 use crate::sync::Tripwire;
+use body::{ClientFault, CounterSlot, FromClient, Lookahead, Metered};
 pub use pool::ProxyBody;
 use pool::Sender;
+use stall::SendDeadline;
 
 /// Largest request head (request line and headers) accepted; larger ones
 /// get 431. Matches common server limits (nginx's 4 × 8 KiB buffers).
@@ -83,11 +84,12 @@ pub async fn serve(
     open: Open,
     started: Instant,
 ) {
-    let (header_timeout, duration, listener) = {
+    let (header_timeout, body_timeout, duration, listener) = {
         // TCP_NODELAY and keepalive came with the socket from the listener.
         let r = route.load();
         (
             r.settings.header_timeout,
+            r.settings.body_timeout,
             r.shared.metrics.connection_duration.clone(),
             r.settings.name.clone(),
         )
@@ -108,7 +110,10 @@ pub async fn serve(
         .header_read_timeout(header_timeout)
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
-        .serve_connection(TokioIo::new(client), service);
+        .serve_connection(
+            TokioIo::new(SendDeadline::new(client, body_timeout)),
+            service,
+        );
     let mut stopping = false;
     let mut handing_over = false;
     let end = loop {
@@ -133,11 +138,17 @@ pub async fn serve(
     };
     if let Err(e) = end {
         debug!(error = %e, "http connection ended with error");
+        // hyper answered a request it could not parse (400, or 431 for
+        // an oversized head): a client error, counted like ours.
+        if e.is_parse() {
+            let status = if e.is_parse_too_large() { 431 } else { 400 };
+            route_cell.load().shared.metrics.http_unrouted.count(status);
+        }
         duration.observe(started.elapsed().as_secs_f64());
         return;
     }
     let parts = conn.into_parts();
-    let mut client = parts.io.into_inner();
+    let mut client = parts.io.into_inner().into_inner();
     // What hyper read past the last request it answered.
     if !parts.read_buf.is_empty() {
         client.prefix = [&client.prefix[..], &parts.read_buf[..]].concat().into();
@@ -185,6 +196,10 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let route = route.load_full();
     let (settings, shared) = (&route.settings, &route.shared);
+    if let Err(reason) = check_host(&req) {
+        shared.metrics.http_unrouted.count(400);
+        return refusal(StatusCode::BAD_REQUEST, reason);
+    }
 
     // lbCookie: which backend does the request ask for, if it may go there?
     let sticky = settings.sticky.as_ref();
@@ -199,9 +214,12 @@ async fn handle(
     let upgrade = wants_upgrade(req.headers());
     prepare_request(&mut req, forwarding, upgrade);
 
-    // Wrap the body: counted per backend once it is known.
+    // Wrap the body: bounded by body_timeout, its failures told apart
+    // from the backend's, counted per backend once it is known.
     let (parts, body) = req.into_parts();
     let body_counter = CounterSlot::default();
+    let fault = ClientFault::default();
+    let body = FromClient::new(body, settings.body_timeout, fault.clone());
     let req = Request::from_parts(
         parts,
         Metered::new(body, body_counter.clone(), None).boxed(),
@@ -240,13 +258,36 @@ async fn handle(
     let response = match sent {
         Ok(response) => response,
         Err(e) => {
+            // The request body failed on the client's side (bad chunking,
+            // cut short, stalled): its fault, not the backend's.
+            if let Some(status) = fault.status() {
+                debug!(error = %e, "client request body failed");
+                shared.metrics.http_unrouted.count(status.as_u16());
+                return refusal(status, "malformed or incomplete request body");
+            }
             debug!(backend = %backend.name, error = %e, "backend request failed");
             backend.state.metrics.http().count(502);
             return error_response(StatusCode::BAD_GATEWAY, "bad gateway");
         }
     };
-    let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
     let is_switch = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    // Broken framing in the body's first part is a 502 (and the backend
+    // connection, now failed, is dropped), not half a response.
+    let (head, body) = response.into_parts();
+    let body = if is_switch {
+        Lookahead::none(body)
+    } else {
+        match Lookahead::read(body).await {
+            Ok(body) => body,
+            Err(e) => {
+                debug!(backend = %backend.name, error = %e, "backend response malformed");
+                backend.state.metrics.http().count(502);
+                return error_response(StatusCode::BAD_GATEWAY, "bad gateway: malformed response");
+            }
+        }
+    };
+    let response = Response::from_parts(head, body);
+    let insert = sticky.filter(|_| !pinned.as_ref().is_some_and(|p| Arc::ptr_eq(p, &backend)));
     backend
         .state
         .metrics
@@ -492,20 +533,63 @@ fn prepare_request(req: &mut Request<Incoming>, forwarding: &Forwarding, upgrade
     if let Some(v) = forwarding.forwarded.clone() {
         headers.append(header::FORWARDED, v);
     }
-    // Absolute-form targets (proxy-style requests) become origin-form.
-    if req.uri().scheme().is_some()
-        && let Some(pq) = req.uri().path_and_query()
-        && let Ok(uri) = pq.as_str().parse()
-    {
-        *req.uri_mut() = uri;
+    // An absolute-form target (a proxy-style request) names the host:
+    // it becomes the Host the backend sees (RFC 9112 §3.2.2), and the
+    // target origin-form.
+    if req.uri().scheme().is_some() {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        if let Some(pq) = req.uri().path_and_query()
+            && let Ok(uri) = pq.as_str().parse()
+        {
+            *req.uri_mut() = uri;
+        }
     }
+}
+
+/// RFC 9112 §3.2: exactly one valid `Host` in an HTTP/1.1 request (at most
+/// one in HTTP/1.0), and no user info in an absolute-form target — else
+/// 400, before any backend sees the request. Two hosts would let the
+/// proxy route by one while the backend serves the other.
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let Some(host) = host else {
+        return match req.version() {
+            hyper::Version::HTTP_10 | hyper::Version::HTTP_09 => Ok(()),
+            _ => Err("no Host header"),
+        };
+    };
+    // uri-host [ ":" port ], or empty for a target without an authority.
+    let valid = host.is_empty()
+        || (!host.as_bytes().contains(&b'@')
+            && hyper::http::uri::Authority::try_from(host.as_bytes()).is_ok());
+    if !valid {
+        return Err("the Host header is not a host");
+    }
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err("user info in the request target");
+    }
+    Ok(())
 }
 
 /// The backend's response, made fit for the client: hop-by-hop headers out,
 /// the lbCookie inserted when needed, the body counted and holding the
 /// backend's in-flight count until it ends.
 fn finish_response(
-    response: Response<Incoming>,
+    response: Response<Lookahead>,
     backend: &Backend,
     slot: Option<Slot>,
     set_cookie: Option<&HeaderValue>,
@@ -521,6 +605,16 @@ fn finish_response(
     Response::from_parts(parts, Metered::new(body, counter, slot).boxed())
 }
 
+/// A request refused for what the client sent: the connection closes after
+/// the answer, since what follows on it cannot be trusted to be framed.
+fn refusal(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut response = error_response(status, message);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     Response::builder()
         .status(status)
@@ -532,71 +626,6 @@ fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
                 .boxed(),
         )
         .expect("static response is valid")
-}
-
-/// Where a body's bytes are counted: set to the backend the request is
-/// about to go to (a retry moves it to the next one).
-#[derive(Debug, Clone, Default)]
-struct CounterSlot(Arc<arc_swap::ArcSwapOption<IntCounter>>);
-
-impl CounterSlot {
-    fn set(&self, counter: IntCounter) {
-        self.0.store(Some(Arc::new(counter)));
-    }
-
-    fn add(&self, n: usize) {
-        if let Some(c) = &*self.0.load() {
-            c.inc_by(n as u64);
-        }
-    }
-}
-
-/// A body passed through unchanged, its data bytes counted, holding the
-/// request's backend slot (in flight, and against the cap) until it ends.
-struct Metered<B> {
-    inner: B,
-    counter: CounterSlot,
-    guard: Option<Slot>,
-}
-
-impl<B> Metered<B> {
-    fn new(inner: B, counter: CounterSlot, guard: Option<Slot>) -> Self {
-        Metered {
-            inner,
-            counter,
-            guard,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    self.counter.add(data.len());
-                }
-            }
-            // Ended (or failed): the request is no longer in flight.
-            _ => self.guard = None,
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,11 @@ use tokio::time::Instant;
 
 use crate::backend::Backend;
 
+/// Why a body failed: hyper's error, or one of the proxy's bounds.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// A backend connection's request handle.
 pub type Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
