@@ -52,6 +52,15 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body accepted (a state name is a few bytes).
 const MAX_BODY: usize = 1024;
 
+/// Admin connections served at once. Beyond it a new connection is answered
+/// 503 and closed at once: a flood of scrapes or a client that opens
+/// connections and sits on them costs a bounded number of tasks and fds,
+/// and the data path none of its own.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Written, without waiting, to a connection over [`MAX_CONNECTIONS`].
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 28\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many admin connections\r\n";
+
 /// What the admin endpoint reads and changes.
 #[derive(Debug)]
 pub struct AdminContext {
@@ -126,6 +135,7 @@ impl AdminServer {
 async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: Tripwire) {
     let stopped = stop.tripped();
     tokio::pin!(stopped);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut stopped => return,
@@ -140,8 +150,15 @@ async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stop: Tripwire) {
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // A full socket buffer just loses the courtesy.
+            let _ = stream.try_write(BUSY);
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(handle(req, &ctx, peer).await) }
@@ -297,12 +314,21 @@ async fn set_state(
             return r;
         }
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    // The body has the headers' bound too: a client that sends headers
+    // and then nothing does not keep its connection.
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(HEADER_TIMEOUT, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
             return text(
                 StatusCode::BAD_REQUEST,
                 format!("body must be at most {MAX_BODY} bytes"),
+            );
+        }
+        Err(_) => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("no whole body within {}s", HEADER_TIMEOUT.as_secs()),
             );
         }
     };

@@ -552,3 +552,53 @@ async fn bad_requests_get_precise_errors() {
         400
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_bounded_and_silent_ones_are_cut() {
+    // The daemon's cap (src/admin.rs MAX_CONNECTIONS).
+    const MAX_CONNECTIONS: usize = 64;
+    let a = NamedBackend::start("a").await;
+    let d = Daemon::start(&format!(
+        "{ADMIN}{}",
+        listener_toml("roundrobin", "", &[b("a", a.addr)])
+    ));
+    let admin = d.admin.unwrap();
+    // The cap's worth of connections that send nothing, and one that
+    // sends headers promising a body that never comes.
+    let mut silent = Vec::new();
+    for _ in 0..MAX_CONNECTIONS - 1 {
+        silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let mut stalled = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stalled
+        .write_all(
+            b"PUT /api/v1/listeners/l/backends/a/state HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // Accepted in order: the next one is over the cap, answered and closed.
+    let mut over = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut answer = String::new();
+    within("503", over.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && answer.ends_with("\r\n\r\ntoo many admin connections\r\n"),
+        "{answer:?}"
+    );
+    // The data path is not part of it.
+    assert_eq!(exchange(d.addr("l"), b"still served").await, "a");
+    // The header timeout (10 s) cuts the silent ones; the stalled body
+    // gets 408 at the same bound.
+    let mut reply = String::new();
+    within("408", stalled.read_to_string(&mut reply))
+        .await
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply:?}");
+    for s in &mut silent {
+        assert!(within("silent connection cut", closed_by_peer(s)).await);
+    }
+    // Their places are free again.
+    assert_eq!(http(admin, "GET", "/healthz", &[], "").await.0, 200);
+}
