@@ -68,6 +68,13 @@ impl SourceHash {
         }
     }
 
+    /// The owner table: for every slot, the index (into the backend list
+    /// given to [`SourceHash::new`]) of the backend that slot's clients go
+    /// to first. Public for tests that compare tables (tests/properties.rs).
+    pub fn owners(&self) -> &[u32] {
+        &self.table
+    }
+
     /// Every eligible backend for a slot, best first.
     fn ranking(&self, slot: usize) -> Vec<usize> {
         let seed = slot_seed(slot);

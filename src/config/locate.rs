@@ -85,11 +85,76 @@ pub(super) fn span_of(text: &str, path: &FieldPath) -> Option<Range<usize>> {
 }
 
 /// The path of the deepest key or value that contains byte `offset`.
+///
+/// A key the parser refuses — defined twice (`name` twice in a table, a
+/// `[table]` header twice), or a dotted key that extends a value — is not
+/// in the parsed document. So each such key is given a name of its own,
+/// the text parsed again (with recovery, so that a mistake elsewhere does
+/// not hide the document), and the key named back in the path found.
 pub(super) fn path_at(text: &str, offset: usize) -> Option<String> {
+    let (_, errors) = toml::de::DeTable::parse_recoverable(text);
+    let mut refused: Vec<Range<usize>> = errors
+        .iter()
+        .filter(|e| {
+            let m = e.message();
+            m.starts_with("duplicate key") || m.starts_with("cannot extend value")
+        })
+        .filter_map(|e| e.span())
+        .collect();
+    refused.sort_by_key(|s| s.start);
+    let mut renamed = String::with_capacity(text.len());
+    // (stand-in, the key as a path segment)
+    let mut names: Vec<(String, String)> = Vec::new();
+    let mut at = offset;
+    let mut copied = 0;
+    for span in refused {
+        let Some(key) = text.get(span.clone()).filter(|_| span.start >= copied) else {
+            continue;
+        };
+        let Some(name) = key_name(key) else {
+            continue;
+        };
+        let stand_in = format!("__switchyard_refused_{}__", names.len());
+        renamed.push_str(&text[copied..span.start]);
+        if span.contains(&offset) {
+            at = renamed.len();
+        } else if span.end <= offset {
+            at = at + stand_in.len() - key.len();
+        }
+        renamed.push_str(&stand_in);
+        copied = span.end;
+        names.push((stand_in, segment(&name).into_owned()));
+    }
+    renamed.push_str(&text[copied..]);
+    let (doc, _) = toml::de::DeTable::parse_recoverable(&renamed);
+    let (mut path, found) = containing_path(doc.get_ref(), at);
+    if !found && path.is_empty() {
+        return None;
+    }
+    for (stand_in, name) in &names {
+        path = path.replace(stand_in, name);
+    }
+    Some(path)
+}
+
+/// The name of a key of one segment as written (bare or quoted), as TOML
+/// reads it.
+fn key_name(written: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(&format!("{written} = 0")).ok()?;
+    let mut entries = table.into_iter();
+    match (entries.next(), entries.next()) {
+        (Some((k, toml::Value::Integer(0))), None) => Some(k),
+        _ => None,
+    }
+}
+
+/// The deepest key or value of the document containing `offset` and
+/// `true`; or, when no key or value contains it, the table descended into
+/// last (`""` for the root) and `false`.
+fn containing_path(doc: &toml::de::DeTable<'_>, offset: usize) -> (String, bool) {
     use toml::de::DeValue;
-    let doc = toml::de::DeTable::parse(text).ok()?;
     let mut path = String::new();
-    let mut table = doc.get_ref();
+    let mut table = doc;
     'descend: loop {
         for (key, value) in table.iter() {
             let in_key = key.span().contains(&offset);
@@ -101,9 +166,9 @@ pub(super) fn path_at(text: &str, offset: usize) -> Option<String> {
             if !candidate.is_empty() {
                 candidate.push('.');
             }
-            candidate.push_str(key.get_ref());
+            candidate.push_str(&segment(key.get_ref()));
             if in_key {
-                return Some(candidate);
+                return (candidate, true);
             }
             match value.get_ref() {
                 DeValue::Table(t) => {
@@ -121,15 +186,41 @@ pub(super) fn path_at(text: &str, offset: usize) -> Option<String> {
                             table = t;
                             continue 'descend;
                         }
-                        return Some(format!("{candidate}[{i}]"));
+                        return (format!("{candidate}[{i}]"), true);
                     }
-                    return Some(candidate);
+                    return (candidate, true);
                 }
-                _ => return Some(candidate),
+                _ => return (candidate, true),
             }
         }
-        return (!path.is_empty()).then_some(path);
+        return (path, false);
     }
+}
+
+/// A key as a segment of a path: as is when bare, else quoted as TOML
+/// would write it (`listener[0]."with space"`, `""`).
+fn segment(key: &str) -> std::borrow::Cow<'_, str> {
+    if !key.is_empty() && key.chars().all(is_bare) {
+        return key.into();
+    }
+    let mut quoted = String::from('"');
+    for c in key.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", c as u32)),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted.into()
+}
+
+/// A character of a bare TOML key.
+fn is_bare(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
 }
 
 /// Whether a value, or any key or value inside it, contains `offset`.
@@ -169,6 +260,93 @@ mod tests {
             e.starts_with("test.toml:4:11: listener[0].retries: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn duplicate_keys_name_the_field() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+        let cases = [
+            (
+                "[[listener]]\nname = \"a\"\n'name' = \"b\"\n".to_owned(),
+                "test.toml:3:1: listener[0].name: duplicate key",
+            ),
+            (
+                format!("{listener}[[listener.backend]]\nname = \"x\"\nweight = 1\nweight = 2\n"),
+                "test.toml:7:1: listener[0].backend[0].weight: duplicate key",
+            ),
+            (
+                format!("{listener}health_check = {{ fall = 1, fall = 2 }}\n"),
+                "test.toml:4:28: listener[0].health_check.fall: duplicate key",
+            ),
+            (
+                format!("{listener}health_check.fall = 1\nhealth_check . \"fall\" = 2\n"),
+                "test.toml:5:16: listener[0].health_check.fall: duplicate key",
+            ),
+            (
+                format!("{listener}[listener.sticky]\n[listener.sticky]\n"),
+                "test.toml:5:11: listener[0].sticky: duplicate key",
+            ),
+            (
+                "[admin]\n[global]\n[admin]\n".to_owned(),
+                "test.toml:3:2: admin: duplicate key",
+            ),
+            (
+                "bogus = 1\nbogus = 2\n".to_owned(),
+                "test.toml:2:1: bogus: duplicate key",
+            ),
+            (
+                format!(
+                    "{listener}health_check = {{}}\n[[listener]]\n[listener.health_check]\n[ listener . health_check ]\n"
+                ),
+                "test.toml:7:14: listener[1].health_check: duplicate key",
+            ),
+            (
+                format!("{listener}backend = []\n[[listener.backend]]\n"),
+                "test.toml:5:12: listener[0].backend: duplicate key",
+            ),
+            (
+                format!("{listener}\"with space\" = 1\n\"with space\" = 2\n"),
+                "test.toml:5:1: listener[0].\"with space\": duplicate key",
+            ),
+            // Inside a key that is itself a duplicate.
+            (
+                format!(
+                    "{listener}[listener.health_check]\npath = \"/\"\npath = {{ a = 0, a = 0 }}\n"
+                ),
+                "test.toml:6:17: listener[0].health_check.path.a: duplicate key",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error(&text);
+            assert!(e.starts_with(want), "got {e:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn keys_that_are_not_bare_are_quoted_in_the_path() {
+        let e = error("\"\" = 1\n");
+        assert!(
+            e.starts_with("test.toml:1:1: \"\": unknown field ``"),
+            "{e}"
+        );
+        let e = error("[[listener]]\n\"a \\\"b\\\"\" = 1\n");
+        assert!(
+            e.starts_with("test.toml:2:1: listener[0].\"a \\\"b\\\"\": unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn odd_text_is_located_without_a_panic() {
+        // A key after a multi-byte character; a quoted key alone.
+        for text in [
+            "=\u{fffd}.\"\"",
+            "\u{e9}\u{e9} = 1\n\u{e9}\u{e9} = 2",
+            "\"\"",
+        ] {
+            let e = error(text);
+            assert!(e.starts_with("test.toml:1:"), "{e}");
+        }
     }
 
     #[test]

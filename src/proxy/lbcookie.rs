@@ -19,52 +19,63 @@ pub fn cookie_id(listener: &str, backend: &str) -> String {
 }
 
 /// The value of cookie `name` in the request's Cookie headers, if any.
+/// A header is read as UTF-8, which browsers send for non-ASCII values.
 pub fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
         .find(|c| c.name() == name)
         .map(|c| c.value().to_owned())
 }
 
-/// Remove cookie `name` from every Cookie header; other cookies are kept
-/// exactly as sent. A header left empty is removed.
+/// Remove cookie `name` from every Cookie header, keeping every other
+/// pair and the separator after it byte for byte (`a=1;b=2` stays
+/// without a space): ours goes with the `;` and white space after it, or
+/// before it when it comes last; empty segments go too. A header without
+/// ours is untouched; one left with no cookie is removed. Works on bytes,
+/// so a header with non-ASCII values loses ours too.
 pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let is_ours = |pair: &[u8]| {
+        let n = pair.split(|&c| c == b'=').next().unwrap_or(pair);
+        n.trim_ascii() == name.as_bytes()
+    };
+    let has_ours = |v: &HeaderValue| v.as_bytes().split(|&c| c == b';').any(is_ours);
     let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
-    if values.is_empty() {
+    if !values.iter().any(has_ours) {
         return;
     }
-    let is_ours = |pair: &str| pair.split_once('=').map_or(pair, |(n, _)| n).trim() == name;
-    let mut kept = Vec::with_capacity(values.len());
-    let mut changed = false;
+    headers.remove(header::COOKIE);
     for v in values {
-        let Ok(text) = v.to_str() else {
-            kept.push(v);
-            continue;
-        };
-        let pairs: Vec<&str> = text
-            .split(';')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .collect();
-        if !pairs.iter().any(|p| is_ours(p)) {
-            kept.push(v);
+        if !has_ours(&v) {
+            headers.append(header::COOKIE, v);
             continue;
         }
-        changed = true;
-        let rest: Vec<&str> = pairs.into_iter().filter(|p| !is_ours(p)).collect();
-        if !rest.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&rest.join("; "))
+        let mut kept = Vec::with_capacity(v.len());
+        // The white space after the `;` that follows the last pair kept.
+        let mut gap: &[u8] = b"";
+        let mut last_kept = None;
+        for (i, segment) in v.as_bytes().split(|&c| c == b';').enumerate() {
+            let pair = segment.trim_ascii_start();
+            if last_kept.is_some_and(|k| k + 1 == i) {
+                gap = &segment[..segment.len() - pair.len()];
+            }
+            if is_ours(segment) || pair.is_empty() {
+                continue;
+            }
+            if last_kept.is_some() {
+                kept.push(b';');
+                kept.extend_from_slice(gap);
+            }
+            kept.extend_from_slice(pair);
+            last_kept = Some(i);
+        }
+        // Bytes of a valid value, fewer: still valid.
+        if let Ok(v) = HeaderValue::from_bytes(kept.trim_ascii_end())
+            && !v.is_empty()
         {
-            kept.push(v);
-        }
-    }
-    if changed {
-        headers.remove(header::COOKIE);
-        for v in kept {
             headers.append(header::COOKIE, v);
         }
     }
@@ -137,6 +148,17 @@ mod tests {
         let mut h = headers(&["a=1;  b=\"x y\"", "SERVERID=abc; c=3", "SERVERID=def"]);
         strip_cookie(&mut h, "SERVERID");
         assert_eq!(cookies(&h), ["a=1;  b=\"x y\"", "c=3"]);
+        // Separators of the other pairs stay as sent, with or without spaces.
+        let mut h = headers(&["a=1;SERVERID=abc;b=2", "c=3;  SERVERID=x; d=4"]);
+        strip_cookie(&mut h, "SERVERID");
+        assert_eq!(cookies(&h), ["a=1;b=2", "c=3;  d=4"]);
+        // Non-ASCII (UTF-8) values elsewhere in the header: ours goes too.
+        let mut h = HeaderMap::new();
+        let v = HeaderValue::from_bytes("n=caf\u{e9}; SERVERID=abc".as_bytes()).unwrap();
+        h.append(header::COOKIE, v);
+        assert_eq!(find_cookie(&h, "SERVERID").as_deref(), Some("abc"));
+        strip_cookie(&mut h, "SERVERID");
+        assert_eq!(h[header::COOKIE].as_bytes(), "n=caf\u{e9}".as_bytes());
         let mut h = headers(&["SERVERIDX=1; SERVERID=2"]);
         strip_cookie(&mut h, "SERVERID");
         assert_eq!(cookies(&h), ["SERVERIDX=1"]);
