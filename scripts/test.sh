@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
-# packages, only those missing: promtool, systemd-analyze, curl, PostgreSQL,
-# Redis, MariaDB, dnsmasq), then runs every test. The database and DNS tests
+# packages, only those missing: promtool, systemd-analyze, curl,
+# slowhttptest, PostgreSQL, Redis, MariaDB, dnsmasq), then runs every test. The database and DNS tests
 # start their own servers on loopback in temporary directories; no system
 # service is used.
 # Used as-is by .ci/run.
@@ -13,6 +13,7 @@ declare -A needs=(
   [promtool]=prometheus          # checks deploy/prometheus/ rules and config
   [systemd-analyze]=systemd      # verifies deploy/switchyard.service
   [curl]=curl                    # the keepalived readiness check script
+  [slowhttptest]=slowhttptest    # slowloris, slow body and slow read (tests/slow_clients.rs)
 )
 missing=()
 for cmd in "${!needs[@]}"; do
