@@ -28,7 +28,7 @@ struct Seen {
 
 /// A backend on a raw socket: reads requests framed by Content-Length or
 /// chunked encoding, records them, and answers each with the next scripted
-/// response (then `200 ok`).
+/// response (then `200 ok`); an empty one closes the connection unanswered.
 struct RawBackend {
     addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
@@ -107,7 +107,13 @@ async fn serve_raw(
                 return;
             }
             s.requests.push((id, raw));
-            script.lock().unwrap().pop().unwrap_or(OK)
+            let response = script.lock().unwrap().pop().unwrap_or(OK);
+            if response.is_empty() {
+                // Scripted: close without answering.
+                s.closed[id] = true;
+                return;
+            }
+            response
         };
         if write.write_all(response).await.is_err() {
             return;
@@ -526,4 +532,53 @@ async fn a_backend_response_with_repeated_equal_content_length_is_passed() {
     let (reply, _s) = send(proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(reply.status, 200, "{}", reply.head);
     assert_eq!(reply.body, b"ok");
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_that_dies_under_a_safe_request_is_retried_once_and_others_are_not()
+{
+    let backend = RawBackend::start().await;
+    let (server, proxy) = proxy_for(&backend).await;
+    // Warm a pooled connection; the backend then closes it under the next
+    // request without a byte of answer.
+    backend.answer(&[OK, b""]);
+    let (first, mut s) = send(proxy, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(first.status, 200);
+    s.get_mut()
+        .write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let again = read_reply(&mut s).await;
+    assert_eq!(again.status, 200, "{}", again.head);
+    let paths: Vec<(usize, String)> = backend
+        .requests()
+        .into_iter()
+        .map(|(c, r)| (c, r.lines().next().unwrap().to_owned()))
+        .collect();
+    assert_eq!(paths.len(), 3, "{paths:?}");
+    assert_eq!(paths[1].1, "GET /2 HTTP/1.1");
+    assert_eq!(paths[2].1, "GET /2 HTTP/1.1");
+    assert!(
+        paths[2].0 > paths[1].0,
+        "sent again on a new connection: {paths:?}"
+    );
+
+    // A request with a body is not sent twice: 502.
+    backend.answer(&[OK, b""]);
+    let (first, mut s) = send(proxy, b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(first.status, 200);
+    s.get_mut()
+        .write_all(b"POST /4 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut s).await.status, 502);
+    let posts = backend
+        .requests()
+        .iter()
+        .filter(|(_, r)| r.starts_with("POST /4"))
+        .count();
+    assert_eq!(posts, 1);
+    let text = String::from_utf8(server.metrics().encode()).unwrap();
+    let line = r#"switchyard_http_requests_total{backend="raw",code="502",listener="l"} 1"#;
+    assert!(text.contains(line), "{line} not in\n{text}");
 }

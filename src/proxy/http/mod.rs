@@ -23,7 +23,9 @@
 //! is established, so a failed connect is retried on the next candidate with
 //! the request intact (502 only when every attempt failed; 503 when there is
 //! no candidate) — the same connect-with-retry loop as tcp mode
-//! ([`super::connect`]). Connection upgrades (WebSocket) get a dedicated
+//! ([`super::connect`]). A kept-alive connection that closes under a safe
+//! request without a body (GET, HEAD, OPTIONS) before any answer sends it
+//! once more on a new connection: the backend closed it idle, or died. Connection upgrades (WebSocket) get a dedicated
 //! backend connection and are then relayed as a byte stream.
 
 mod body;
@@ -38,7 +40,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -341,6 +343,10 @@ async fn forward(
                 Err(e) => return Err((req, e)),
             },
         };
+        // A kept-alive connection can die under a request (the backend
+        // closed it idle, or was killed): a request that is safe to send
+        // twice and has no body is kept to send again on a new one.
+        let replay = reused.then(|| replayable(&req)).flatten();
         match sender.try_send_request(req).await {
             Ok(response) => {
                 if !upgrade {
@@ -354,13 +360,43 @@ async fn forward(
                 }
                 return Ok(Ok(response));
             }
-            Err(mut e) => match e.take_message() {
-                Some(back) if reused => req = back,
-                Some(back) => return Err((back, std::io::Error::other(e.into_error()))),
-                None => return Ok(Err(e.into_error())),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(back), _) if reused => req = back,
+                (Some(back), _) => return Err((back, std::io::Error::other(e.into_error()))),
+                // It closed or reset with no answer; an answer that did
+                // not parse is the backend's, a 502.
+                (None, Some(again)) if !e.error().is_parse() => {
+                    debug!(backend = %backend.name, error = %e.error(), "kept-alive connection failed under a request; sending it again");
+                    req = again;
+                }
+                (None, _) => return Ok(Err(e.into_error())),
             },
         }
     }
+}
+
+/// A copy of `req` to send again if its connection fails before the
+/// response: only safe methods (RFC 9110 §9.2.1) without a body, which the
+/// backend may see twice without harm (HAProxy's `retry-on` for a reused
+/// connection does the same).
+fn replayable(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let safe = matches!(
+        *req.method(),
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+    );
+    if !safe || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// A new keep-alive connection to `backend`.
