@@ -480,8 +480,8 @@ async fn a_backend_response_with_broken_framing_is_a_502_and_its_connection_is_n
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
         ),
         (
-            "bad chunk end",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXY0\r\n\r\n",
+            "chunk size overflowing 64 bits",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nok\r\n0\r\n\r\n",
         ),
     ];
     for (name, response) in broken {
@@ -581,4 +581,31 @@ async fn a_kept_alive_connection_that_dies_under_a_safe_request_is_retried_once_
     let text = String::from_utf8(server.metrics().encode()).unwrap();
     let line = r#"switchyard_http_requests_total{backend="raw",code="502",listener="l"} 1"#;
     assert!(text.contains(line), "{line} not in\n{text}");
+}
+
+#[tokio::test]
+async fn broken_framing_after_the_body_has_started_cuts_the_client_and_the_backend_connection() {
+    let backend = RawBackend::start().await;
+    let (_server, proxy) = proxy_for(&backend).await;
+    // A good first chunk, then no CRLF after the second's data.
+    backend.answer(&[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n2\r\nokXY0\r\n\r\n",
+    ]);
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within("cut", s.read_to_end(&mut got)).await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    // The head and what was good went; the response never ends, so the
+    // client cannot take it for whole.
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+    assert!(!got.ends_with("0\r\n\r\n"), "{got:?}");
+    let warm = backend.requests()[0].0;
+    wait_for("the broken connection closed", || backend.closed(warm)).await;
+    let (next, _s) = send(proxy, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(next.status, 200);
+    let conns: Vec<usize> = backend.requests().iter().map(|(c, _)| *c).collect();
+    assert!(conns.len() == 2 && conns[1] > warm, "{conns:?}");
 }

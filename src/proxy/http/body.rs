@@ -4,7 +4,6 @@
 //! response read a little ahead so broken framing is a 502 rather than a
 //! cut ([`Lookahead`]).
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -165,23 +164,18 @@ impl Body for FromClient {
     }
 }
 
-/// How long a response is held for its body before its head goes to the
-/// client: a body that arrives with its head (most do) is read to its end
-/// or to [`LOOKAHEAD_BYTES`] first, so broken framing in it is answered 502
-/// and never reaches the client as half a response. A body that takes
-/// longer (a stream, a long poll) goes out as it comes after this.
+/// How long a response's head waits for the first part of its body: a body
+/// that starts with its head (most do) is read that far first, so a
+/// malformed start (a bad chunk size, a body cut short) is answered 502
+/// and never reaches the client as half a response. A body that starts
+/// later (a stream, a long poll) goes out as it comes after this.
 pub const LOOKAHEAD_WINDOW: Duration = Duration::from_millis(100);
 
-/// The most of a response body held back by the look-ahead.
-pub const LOOKAHEAD_BYTES: usize = 64 * 1024;
-
-/// A backend's response body, the frames read ahead first.
+/// A backend's response body, its first frame read ahead.
 pub struct Lookahead {
-    ahead: VecDeque<Frame<Bytes>>,
-    /// Data bytes in `ahead`.
-    ahead_bytes: usize,
+    first: Option<Frame<Bytes>>,
     inner: Incoming,
-    /// `inner` has ended: `ahead` is all there is.
+    /// `inner` has ended: `first` is all there is.
     ended: bool,
 }
 
@@ -189,43 +183,36 @@ impl Lookahead {
     /// Nothing read ahead (a protocol switch: the body is the tunnel).
     pub fn none(inner: Incoming) -> Lookahead {
         Lookahead {
-            ahead: VecDeque::new(),
-            ahead_bytes: 0,
+            first: None,
             inner,
             ended: false,
         }
     }
 
-    /// Read `inner` until it ends, [`LOOKAHEAD_BYTES`] have come, or
-    /// [`LOOKAHEAD_WINDOW`] has passed; `Err` if its framing broke first.
+    /// Read `inner`'s first frame, unless [`LOOKAHEAD_WINDOW`] passes
+    /// first; `Err` if its framing broke before it.
     pub async fn read(inner: Incoming) -> Result<Lookahead, hyper::Error> {
         let mut body = Lookahead::none(inner);
         if body.inner.is_end_stream() {
             return Ok(body);
         }
-        let window = tokio::time::sleep(LOOKAHEAD_WINDOW);
-        tokio::pin!(window);
-        body.ended = loop {
-            if body.ahead_bytes >= LOOKAHEAD_BYTES {
-                break false;
+        let first = tokio::time::timeout(LOOKAHEAD_WINDOW, body.inner.frame()).await;
+        match first {
+            Err(_elapsed) => {}
+            Ok(None) => body.ended = true,
+            Ok(Some(frame)) => {
+                body.first = Some(frame?);
+                body.ended = body.inner.is_end_stream();
             }
-            tokio::select! {
-                biased;
-                frame = body.inner.frame() => match frame {
-                    None => break true,
-                    Some(frame) => {
-                        let frame = frame?;
-                        body.ahead_bytes += frame.data_ref().map_or(0, Bytes::len);
-                        body.ahead.push_back(frame);
-                        if body.inner.is_end_stream() {
-                            break true;
-                        }
-                    }
-                },
-                () = &mut window => break false,
-            }
-        };
+        }
         Ok(body)
+    }
+
+    fn first_len(&self) -> u64 {
+        self.first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64)
     }
 }
 
@@ -237,8 +224,7 @@ impl Body for Lookahead {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(frame) = self.ahead.pop_front() {
-            self.ahead_bytes -= frame.data_ref().map_or(0, Bytes::len);
+        if let Some(frame) = self.first.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
         if self.ended {
@@ -249,19 +235,19 @@ impl Body for Lookahead {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ahead.is_empty() && (self.ended || self.inner.is_end_stream())
+        self.first.is_none() && (self.ended || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let ahead = self.ahead_bytes as u64;
+        let first = self.first_len();
         if self.ended {
-            return SizeHint::with_exact(ahead);
+            return SizeHint::with_exact(first);
         }
         let rest = self.inner.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + ahead);
+        hint.set_lower(rest.lower() + first);
         if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + ahead);
+            hint.set_upper(upper + first);
         }
         hint
     }
