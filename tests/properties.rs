@@ -58,20 +58,8 @@ use switchyard::backend::{Backend, BackendState};
 use switchyard::balancer::{Pool, SourceHash};
 use switchyard::proxy::lbcookie::{find_cookie, strip_cookie};
 
-use crate::config::{Algorithm, BackendConfig, ConfigError, MAX_WEIGHT, ProxyProtocol};
-
-/// switchyard's config module; also `crate::config` for the PROXY header
-/// writer compiled in below.
-mod config {
-    pub use switchyard::config::*;
-}
-
-/// The balancer's PROXY header writer, compiled from its source file:
-/// `proxy::proxy_protocol` is crate-private (`pub(crate) mod` in
-/// src/proxy/mod.rs), and this is the very code the daemon runs. It names
-/// `crate::config::ProxyProtocol`, which is the module above.
-#[path = "../src/proxy/proxy_protocol.rs"]
-mod proxy_protocol;
+use switchyard::config::{self, Algorithm, BackendConfig, ConfigError, MAX_WEIGHT, ProxyProtocol};
+use switchyard::proxy::proxy_protocol;
 
 /// The cases a property runs: `SWITCHYARD_PROPTEST_CASES` or
 /// `PROPTEST_CASES` when set, else `default`.

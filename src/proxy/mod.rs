@@ -13,7 +13,7 @@ pub(crate) mod connect;
 pub(crate) mod http;
 pub mod lbcookie;
 pub(crate) mod prefixed;
-pub(crate) mod proxy_protocol;
+pub mod proxy_protocol;
 pub(crate) mod queue;
 pub(crate) mod relay;
 pub(crate) mod splice;
