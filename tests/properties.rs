@@ -1269,13 +1269,21 @@ proptest! {
         let utf8 = std::str::from_utf8(&bytes);
         match config::load_file(&path) {
             Ok(_) => prop_assert!(utf8.is_ok()),
-            Err(e @ ConfigError::Io { .. }) => {
-                let ConfigError::Io { path: named, source } = &e else { unreachable!() };
-                prop_assert!(utf8.is_err(), "{e}");
-                prop_assert_eq!(named, &path);
-                prop_assert_eq!(source.kind(), std::io::ErrorKind::InvalidData);
+            Err(e) if utf8.is_err() => {
+                // Located at the first byte that is not UTF-8.
+                let at = utf8.unwrap_err().valid_up_to();
+                let before = std::str::from_utf8(&bytes[..at]).unwrap();
+                let line = before.matches('\n').count() + 1;
+                // Columns count bytes, as in every config error.
+                let column = before.rsplit('\n').next().unwrap().len() + 1;
+                let ConfigError::Invalid { file, line: l, column: c, message, .. } = &e else {
+                    return Err(TestCaseError::fail(format!("not located: {e}")));
+                };
+                prop_assert_eq!(file, &path);
+                prop_assert_eq!((*l, *c), (line, column), "{}", e);
+                prop_assert!(message.contains("not UTF-8"), "{}", e);
                 let shown = e.to_string();
-                prop_assert!(shown.starts_with(&format!("{}: cannot read: ", path.display())), "{shown}");
+                prop_assert!(shown.starts_with(&format!("{}:{line}:{column}: ", path.display())), "{shown}");
             }
             Err(e) => {
                 let Ok(text) = utf8 else {

@@ -470,9 +470,22 @@ pub enum ConfigError {
 
 /// Read, parse and validate a config file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Where the text stops being UTF-8, and in which field.
+        let at = e.utf8_error().valid_up_to();
+        let before = std::str::from_utf8(&e.as_bytes()[..at]).unwrap_or_default();
+        let (line, column) = line_col(before, at);
+        ConfigError::Invalid {
+            file: path.to_owned(),
+            line,
+            column,
+            field: path_at(before, at).map_or_else(String::new, |p| format!("{p}: ")),
+            message: "is not UTF-8 (a TOML file is UTF-8 text)".into(),
+        }
     })?;
     load_str(&text, path)
 }
