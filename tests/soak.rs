@@ -109,8 +109,8 @@ fn main() {
 
 async fn run(secs: u64, seed: u64) -> Report {
     let mut rng = Rng::new(seed);
-    let ports = procs::pick_ports(chaos::PORTS, &mut rng);
-    let mut chaos = Chaos::start(&ports, rng.fork()).await;
+    let backend_ports = procs::pick_ports(chaos::PORTS, &mut rng);
+    let mut chaos = Chaos::start(&backend_ports, rng.fork()).await;
     let pid = chaos.daemon.pid;
     let targets = chaos.targets();
     let stats = Arc::new(Stats::default());
@@ -191,6 +191,7 @@ async fn run(secs: u64, seed: u64) -> Report {
         ),
         connect_errors: per_listener("switchyard_backend_connect_errors_total", &[]),
         downs: mark_downs(&chaos.daemon.raw),
+        journal: std::mem::take(&mut chaos.journal),
         log: chaos.daemon.raw.clone(),
         exit,
     }
@@ -472,6 +473,8 @@ struct Report {
     connect_errors: [u64; 3],
     log: Vec<String>,
     downs: Vec<MarkDown>,
+    /// The chaos's events, when they were done.
+    journal: Vec<(Instant, String)>,
     exit: i32,
 }
 
@@ -491,18 +494,39 @@ fn message(line: &str) -> String {
 
 /// The one expected kind of error line: an invalid file refused.
 fn expected_error(line: &str) -> bool {
-    line.contains("reload failed; the running configuration stays")
+    level(line) == "ERROR" && line.contains("reload failed; the running configuration stays")
 }
 
 impl Report {
+    /// The daemon's log and the chaos journal, kept for a failed run.
+    fn keep_logs(&self) -> String {
+        let path = std::env::temp_dir().join(format!("switchyard-soak-{}.log", self.seed));
+        let mut text = String::new();
+        for (t, what) in &self.journal {
+            let t = t.saturating_duration_since(self.began).as_secs_f64();
+            let _ = writeln!(text, "chaos t+{t:.3}s: {what}");
+        }
+        text += "\n--- daemon log\n";
+        for l in &self.log {
+            text += l;
+            text.push('\n');
+        }
+        match std::fs::write(&path, text) {
+            Ok(()) => format!("chaos journal and daemon log: {}", path.display()),
+            Err(e) => format!("could not keep the logs at {}: {e}", path.display()),
+        }
+    }
+
     fn failures(&self) -> Vec<Failure> {
         self.stats.failures.lock().unwrap().clone()
     }
 
+    /// Error-level lines, and panics (which have no level): the expected
+    /// ones and the others.
     fn errors(&self) -> (Vec<&String>, Vec<&String>) {
         self.log
             .iter()
-            .filter(|l| level(l) == "ERROR")
+            .filter(|l| level(l) == "ERROR" || l.contains("panicked at"))
             .partition(|l| expected_error(l))
     }
 
@@ -810,6 +834,13 @@ impl Report {
                 f.backend,
                 f.what
             );
+            let near = self.journal.iter().filter(|(t, _)| {
+                *t + Duration::from_secs(2) >= f.start && *t <= f.end + Duration::from_secs(1)
+            });
+            for (t, what) in near {
+                let what = what.lines().next().unwrap_or_default();
+                let _ = writeln!(w, "      chaos at t+{:.3}s: {what}", at(*t));
+            }
         }
         for (label, verdict, n) in [
             ("excused", Verdict::Excused, 5),
@@ -836,6 +867,7 @@ impl Report {
         }
         if !failed.is_empty() {
             let _ = writeln!(w, "  failed: {}", failed.join("; "));
+            let _ = writeln!(w, "  {}", self.keep_logs());
         }
         out
     }

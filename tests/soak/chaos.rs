@@ -50,7 +50,7 @@ const POOLS: [(Kind, &str, usize, usize); 3] = [
 ];
 
 /// Ports the soak needs.
-pub const PORTS: usize = 4 + 4 + 2;
+pub const PORTS: usize = POOLS[0].2 + POOLS[1].2 + POOLS[2].2;
 
 /// A time a backend was dead (or frozen): connections on it may fail.
 #[derive(Debug, Clone)]
@@ -121,6 +121,8 @@ pub struct Chaos {
     pub admin: SocketAddr,
     pub outages: Vec<Outage>,
     pub tally: Tally,
+    /// Every event, when it was done.
+    pub journal: Vec<(Instant, String)>,
     rng: Rng,
 }
 
@@ -162,6 +164,7 @@ impl Chaos {
             admin,
             outages: Vec::new(),
             tally: Tally::default(),
+            journal: Vec::new(),
             rng,
         };
         chaos.wait_all_in_rotation().await;
@@ -317,6 +320,10 @@ impl Chaos {
         })
     }
 
+    fn note(&mut self, at: Instant, what: String) {
+        self.journal.push((at, what));
+    }
+
     async fn status(&self, p: usize) -> HashMap<String, Value> {
         status_backends(self.admin, LISTENERS[p]).await
     }
@@ -362,6 +369,10 @@ impl Chaos {
             frozen: false,
         });
         self.tally.kills += 1;
+        self.note(
+            from,
+            format!("kill {}/{}", LISTENERS[p], self.pools[p].slots[i].name),
+        );
     }
 
     /// SIGSTOP: the server still accepts (the kernel does) but never
@@ -382,6 +393,10 @@ impl Chaos {
             frozen: true,
         });
         self.tally.freezes += 1;
+        self.note(
+            from,
+            format!("freeze {}/{}", LISTENERS[p], self.pools[p].slots[i].name),
+        );
     }
 
     async fn try_revive(&mut self, p: usize) -> bool {
@@ -408,10 +423,14 @@ impl Chaos {
             slot.proc.as_ref().unwrap().signal(libc::SIGCONT);
             self.outages[k].to = Some(Instant::now());
             self.tally.thaws += 1;
+            let what = format!("thaw {}/{}", LISTENERS[p], slot.name);
+            self.note(Instant::now(), what);
             return;
         }
         slot.proc = Some(procs::start(kind, &slot.name, slot.port, slot.dir.path()).await);
         self.tally.revivals += 1;
+        let what = format!("revive {}/{}", LISTENERS[p], self.pools[p].slots[i].name);
+        self.note(Instant::now(), what);
     }
 
     async fn try_admin(&mut self, p: usize) -> bool {
@@ -448,6 +467,8 @@ impl Chaos {
         let (code, body) = http(self.admin, "PUT", &path, &[], state).await;
         assert_eq!(code, 200, "PUT {path} {state}: {body}");
         slot.admin = state;
+        let what = format!("{state} {}/{}", LISTENERS[p], slot.name);
+        self.note(Instant::now(), what);
         match state {
             "drain" => self.tally.drains += 1,
             "maint" => self.tally.maints += 1,
@@ -517,6 +538,7 @@ impl Chaos {
         let applied = block_in_place(|| self.daemon.reload());
         assert!(applied, "a valid reload failed:\n{toml}");
         self.tally.reloads += 1;
+        self.note(Instant::now(), format!("reload:\n{toml}"));
     }
 
     /// A file with an out-of-range weight on slot `i` of listener `p`: the
@@ -527,6 +549,11 @@ impl Chaos {
         let applied = block_in_place(|| self.daemon.reload());
         assert!(!applied, "an invalid reload was applied:\n{toml}");
         self.tally.invalid_reloads += 1;
+        let what = format!(
+            "invalid reload (weight 999 on {}/{})",
+            LISTENERS[p], self.pools[p].slots[i].name
+        );
+        self.note(Instant::now(), what);
     }
 
     async fn scrape(&mut self) {

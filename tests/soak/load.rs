@@ -341,14 +341,20 @@ async fn http_conn(
                     .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
                     .unwrap_or_else(|e| format!("(body: {e})"));
                 let what = format!("request {i}: {status} {text:?}");
-                // The daemon's 502 for a request that reached a backend
-                // which then failed; "no backend answered" and 503 mean it
-                // found no live backend, which there always was.
-                return Err(if status == 502 && text == "bad gateway" {
-                    Fail::outage(what)
-                } else {
-                    Fail::never(what)
-                });
+                // The daemon's 502s for a request that reached a backend
+                // which then failed: before its response (a plain "bad
+                // gateway") or in the first part of its body, which the
+                // daemon reads ahead ("malformed response"). "No backend
+                // answered" and 503 mean it found no live backend, which
+                // there always was.
+                let backend_failed = ["bad gateway", "bad gateway: malformed response"];
+                return Err(
+                    if status == 502 && backend_failed.contains(&text.as_str()) {
+                        Fail::outage(what)
+                    } else {
+                        Fail::never(what)
+                    },
+                );
             }
         }
     }
