@@ -249,6 +249,12 @@ async fn send(proxy: SocketAddr, raw: &[u8]) -> (Reply, BufReader<TcpStream>) {
     (read_reply(&mut s).await, s)
 }
 
+/// Send `raw` on a connection already in use and read the response.
+async fn again(s: &mut BufReader<TcpStream>, raw: &[u8]) -> Reply {
+    s.get_mut().write_all(raw).await.unwrap();
+    read_reply(s).await
+}
+
 /// What the backend must have been sent for a request.
 enum Expect {
     /// Refused by the proxy with this status; nothing reached a backend.
@@ -412,11 +418,13 @@ async fn raw_requests_are_forwarded_exactly_or_refused_before_any_backend() {
                     assert!(closes(&mut s).await, "{name}: connection left open");
                 } else {
                     // Kept alive: a second request on it is answered.
-                    s.get_mut()
-                        .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-                        .await
-                        .unwrap();
-                    assert_eq!(read_reply(&mut s).await.status, 200, "{name}");
+                    assert_eq!(
+                        again(&mut s, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+                            .await
+                            .status,
+                        200,
+                        "{name}"
+                    );
                 }
             }
         }
@@ -493,20 +501,12 @@ async fn a_backend_response_with_broken_framing_is_a_502_and_its_connection_is_n
         assert_eq!(first.status, 200, "{name}");
         // (Health probes make connections of their own.)
         let warm = backend.requests()[0].0;
-        s.get_mut()
-            .write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let reply = read_reply(&mut s).await;
+        let reply = again(&mut s, b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert_eq!(reply.status, 502, "{name}: {}", reply.head);
         assert_ne!(reply.body, b"ok", "{name}");
         wait_for("the broken connection closed", || backend.closed(warm)).await;
         // The next request is served on a new backend connection.
-        s.get_mut()
-            .write_all(b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let next = read_reply(&mut s).await;
+        let next = again(&mut s, b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert_eq!(next.status, 200, "{name}");
         let conns: Vec<usize> = backend.requests().iter().map(|(c, _)| *c).collect();
         assert_eq!(conns.len(), 3, "{name}");
@@ -544,12 +544,8 @@ async fn a_kept_alive_connection_that_dies_under_a_safe_request_is_retried_once_
     backend.answer(&[OK, b""]);
     let (first, mut s) = send(proxy, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(first.status, 200);
-    s.get_mut()
-        .write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let again = read_reply(&mut s).await;
-    assert_eq!(again.status, 200, "{}", again.head);
+    let retried = again(&mut s, b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(retried.status, 200, "{}", retried.head);
     let paths: Vec<(usize, String)> = backend
         .requests()
         .into_iter()
@@ -567,11 +563,15 @@ async fn a_kept_alive_connection_that_dies_under_a_safe_request_is_retried_once_
     backend.answer(&[OK, b""]);
     let (first, mut s) = send(proxy, b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(first.status, 200);
-    s.get_mut()
-        .write_all(b"POST /4 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    assert_eq!(
+        again(
+            &mut s,
+            b"POST /4 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+        )
         .await
-        .unwrap();
-    assert_eq!(read_reply(&mut s).await.status, 502);
+        .status,
+        502
+    );
     let posts = backend
         .requests()
         .iter()
