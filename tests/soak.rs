@@ -43,6 +43,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
+use load::{SLOW, Slow};
+
 use chaos::{Chaos, Outage, Tally};
 use load::{Failure, LISTENERS, Load, REDIS, Stats};
 use rng::Rng;
@@ -108,6 +110,7 @@ fn main() {
 }
 
 async fn run(secs: u64, seed: u64) -> Report {
+    let clocks = (SystemTime::now(), Instant::now());
     let mut rng = Rng::new(seed);
     let backend_ports = procs::pick_ports(chaos::PORTS, &mut rng);
     let mut chaos = Chaos::start(&backend_ports, rng.fork()).await;
@@ -190,7 +193,8 @@ async fn run(secs: u64, seed: u64) -> Report {
             &[("reason", "no_backend")],
         ),
         connect_errors: per_listener("switchyard_backend_connect_errors_total", &[]),
-        downs: mark_downs(&chaos.daemon.raw),
+        downs: mark_downs(&chaos.daemon.raw, clocks),
+        memberships: std::mem::take(&mut chaos.memberships),
         journal: std::mem::take(&mut chaos.journal),
         log: chaos.daemon.raw.clone(),
         exit,
@@ -388,14 +392,16 @@ enum Verdict {
 }
 
 /// How long after the daemon logged a backend down its client may see a
-/// connection that the mark-down cut close (the line is written first).
-const CUT_SLACK: Duration = Duration::from_secs(1);
+/// connection that the mark-down cut close (the line is written first;
+/// generous for a loaded machine).
+const CUT_SLACK: Duration = Duration::from_secs(2);
 
 /// A "backend down" line of the daemon's log.
 struct MarkDown {
     listener: String,
     backend: String,
-    at: SystemTime,
+    /// On this process's monotonic clock.
+    at: Instant,
 }
 
 fn field(line: &str, key: &str) -> Option<String> {
@@ -404,12 +410,19 @@ fn field(line: &str, key: &str) -> Option<String> {
         .find_map(|w| w.strip_prefix(key.as_str()).map(str::to_owned))
 }
 
-fn mark_downs(log: &[String]) -> Vec<MarkDown> {
+/// The daemon's "backend down" lines; their wall-clock times are put on
+/// the monotonic clock by one reading of both, (`wall`, `mono`).
+fn mark_downs(log: &[String], (wall, mono): (SystemTime, Instant)) -> Vec<MarkDown> {
     log.iter()
         .filter(|l| level(l) == "WARN" && message(l) == "backend down")
         .filter_map(|l| {
+            let at = humantime::parse_rfc3339(l.split_whitespace().next()?).ok()?;
+            let at = match at.duration_since(wall) {
+                Ok(after) => mono + after,
+                Err(before) => mono - before.duration(),
+            };
             Some(MarkDown {
-                at: humantime::parse_rfc3339(l.split_whitespace().next()?).ok()?,
+                at,
                 listener: field(l, "listener")?,
                 backend: field(l, "backend")?,
             })
@@ -444,8 +457,8 @@ fn verdict<'a>(
         downs.iter().any(|d| {
             d.listener == LISTENERS[f.listener]
                 && d.backend == o.backend
-                && f.end_wall + Duration::from_millis(50) >= d.at
-                && f.end_wall <= d.at + CUT_SLACK
+                && f.end + Duration::from_millis(50) >= d.at
+                && f.end <= d.at + CUT_SLACK
         })
     };
     match overlapping().filter(|o| o.frozen).find(cut_by) {
@@ -475,6 +488,7 @@ struct Report {
     downs: Vec<MarkDown>,
     /// The chaos's events, when they were done.
     journal: Vec<(Instant, String)>,
+    memberships: Vec<chaos::Membership>,
     exit: i32,
 }
 
@@ -517,6 +531,61 @@ impl Report {
         }
     }
 
+    /// Redis connections the daemon left open on a server past its
+    /// mark-down, which `on_marked_down = "shutdown"` must cut: each failed
+    /// or slow one whose own backend — the instance configured when it
+    /// started, not one added again later — was marked down while it was
+    /// open, and which did not end within `CUT_SLACK` of that.
+    fn uncut(&self) -> Vec<String> {
+        let failures = self.failures();
+        let slow: Vec<Slow> = self.stats.slow.lock().unwrap().clone();
+        let records = failures
+            .iter()
+            .map(|f| (f.listener, f.start, f.end, f.backend.clone(), "failed"))
+            .chain(
+                slow.iter()
+                    .map(|s| (s.listener, s.start, s.end, s.backend.clone(), "succeeded")),
+            );
+        let at = |i: Instant| i.saturating_duration_since(self.began).as_secs_f64();
+        let mut uncut = Vec::new();
+        for (_, start, end, backend, how) in records.filter(|r| r.0 == REDIS) {
+            // One that never heard from its server was on the frozen one
+            // (never both are frozen).
+            let backend = backend.or_else(|| {
+                let frozen = self.outages.iter();
+                let mut frozen = frozen.filter(|o| o.frozen && o.overlaps(REDIS, start, end));
+                frozen.next().map(|o| o.backend.clone())
+            });
+            let Some(b) = backend else { continue };
+            let member = self.memberships.iter().find(|m| {
+                m.listener == REDIS
+                    && m.backend == b
+                    && m.from <= start
+                    && m.to.is_none_or(|to| start < to)
+            });
+            let Some(member) = member else { continue };
+            let late = self.downs.iter().find(|d| {
+                d.listener == LISTENERS[REDIS]
+                    && d.backend == b
+                    && d.at > start + Duration::from_millis(50)
+                    && d.at < end
+                    && member.to.is_none_or(|to| d.at < to)
+                    && end > d.at + CUT_SLACK
+            });
+            if let Some(d) = late {
+                uncut.push(format!(
+                    "redis t+{:.3}..{:.3}s on {b} ({how}): still open {:.3} s after {b} was \
+                     marked down at t+{:.3}s",
+                    at(start),
+                    at(end),
+                    (end - d.at).as_secs_f64(),
+                    at(d.at)
+                ));
+            }
+        }
+        uncut
+    }
+
     fn failures(&self) -> Vec<Failure> {
         self.stats.failures.lock().unwrap().clone()
     }
@@ -547,6 +616,13 @@ impl Report {
             failed.push(format!(
                 "connections closed for want of a backend (tcp, web, redis): {:?}",
                 self.no_backend
+            ));
+        }
+        let uncut = self.uncut();
+        if !uncut.is_empty() {
+            failed.push(format!(
+                "{} redis connections not cut at their server's mark-down",
+                uncut.len()
             ));
         }
         let not_whole = self.stats.http_not_whole.load(Relaxed);
@@ -667,6 +743,12 @@ impl Report {
             [0, 1, 2].map(|l| count(l, Verdict::ExcusedUnknown)),
         );
         row(w, "LOST", [0, 1, 2].map(|l| count(l, Verdict::Lost)));
+        let slow: Vec<Slow> = self.stats.slow.lock().unwrap().clone();
+        row(
+            w,
+            &format!("succeeded, slower than {SLOW:?}"),
+            [0, 1, 2].map(|l| slow.iter().filter(|s| s.listener == l).count() as u64),
+        );
         row(w, "no_backend rejections", self.no_backend);
         row(w, "connect errors (see note)", self.connect_errors);
         let _ = writeln!(
@@ -803,6 +885,7 @@ impl Report {
                 "zero no_backend rejections",
                 self.no_backend.iter().all(|&n| n == 0),
             ),
+            ("marked-down redis cut", self.uncut().is_empty()),
             (
                 "every HTTP response whole",
                 s.http_not_whole.load(Relaxed) == 0 && !lost.iter().any(|f| f.cut_response),
@@ -861,6 +944,9 @@ impl Report {
                     f.what
                 );
             }
+        }
+        for u in self.uncut().iter().take(20) {
+            let _ = writeln!(w, "  NOT CUT {u}");
         }
         for l in unexpected.iter().take(20) {
             let _ = writeln!(w, "  unexpected error line: {l}");

@@ -70,6 +70,16 @@ impl Outage {
     }
 }
 
+/// A time a backend was in the config: one instance of it (removing it
+/// ends one, adding it again starts another with fresh state).
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub listener: usize,
+    pub backend: String,
+    pub from: Instant,
+    pub to: Option<Instant>,
+}
+
 /// What the chaos did.
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
@@ -123,6 +133,7 @@ pub struct Chaos {
     pub tally: Tally,
     /// Every event, when it was done.
     pub journal: Vec<(Instant, String)>,
+    pub memberships: Vec<Membership>,
     rng: Rng,
 }
 
@@ -158,15 +169,17 @@ impl Chaos {
         let toml = config_text(&pools, None);
         let daemon = block_in_place(|| Daemon::start(&toml));
         let admin = daemon.admin.expect("admin endpoint");
-        let chaos = Chaos {
+        let mut chaos = Chaos {
             pools,
             daemon,
             admin,
             outages: Vec::new(),
             tally: Tally::default(),
             journal: Vec::new(),
+            memberships: Vec::new(),
             rng,
         };
+        chaos.sync_memberships();
         chaos.wait_all_in_rotation().await;
         chaos
     }
@@ -318,6 +331,29 @@ impl Chaos {
             self.daemon.log_until(|l| l.ends_with(": stopped"));
             self.daemon.wait_exit()
         })
+    }
+
+    /// Open and close memberships as the slots' config now says.
+    fn sync_memberships(&mut self) {
+        let now = Instant::now();
+        for (p, pool) in self.pools.iter().enumerate() {
+            for s in &pool.slots {
+                let open = self
+                    .memberships
+                    .iter_mut()
+                    .find(|m| m.listener == p && m.backend == s.name && m.to.is_none());
+                match (s.in_config, open) {
+                    (false, Some(m)) => m.to = Some(now),
+                    (true, None) => self.memberships.push(Membership {
+                        listener: p,
+                        backend: s.name.clone(),
+                        from: now,
+                        to: None,
+                    }),
+                    _ => {}
+                }
+            }
+        }
     }
 
     fn note(&mut self, at: Instant, what: String) {
@@ -537,6 +573,7 @@ impl Chaos {
         self.daemon.write_config(&toml);
         let applied = block_in_place(|| self.daemon.reload());
         assert!(applied, "a valid reload failed:\n{toml}");
+        self.sync_memberships();
         self.tally.reloads += 1;
         self.note(Instant::now(), format!("reload:\n{toml}"));
     }

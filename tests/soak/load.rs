@@ -70,7 +70,23 @@ pub struct Stats {
     /// Bodies that ended cleanly but were not what was sent: never allowed.
     pub http_not_whole: AtomicU64,
     pub failures: Mutex<Vec<Failure>>,
+    /// Connections that succeeded but took over `SLOW`: a client waiting on
+    /// a frozen server that was thawed before the daemon cut it.
+    pub slow: Mutex<Vec<Slow>>,
 }
+
+/// A successful connection that took over `SLOW`.
+#[derive(Debug, Clone)]
+pub struct Slow {
+    pub listener: usize,
+    pub start: Instant,
+    pub end: Instant,
+    pub backend: Option<String>,
+}
+
+/// Far longer than any connection of this load takes against live
+/// backends (a few round trips on loopback).
+pub const SLOW: Duration = Duration::from_secs(1);
 
 /// A failed client connection (HTTP: its failed request).
 #[derive(Debug, Clone)]
@@ -78,8 +94,6 @@ pub struct Failure {
     pub listener: usize,
     pub start: Instant,
     pub end: Instant,
-    /// `end` on the wall clock, to compare with the daemon's log.
-    pub end_wall: std::time::SystemTime,
     /// The backend that served it, if the client learnt that.
     pub backend: Option<String>,
     pub what: String,
@@ -125,12 +139,20 @@ impl Stats {
         match result {
             Ok(()) => {
                 self.conns[listener].succeeded.fetch_add(1, Relaxed);
+                let end = Instant::now();
+                if end - start > SLOW {
+                    self.slow.lock().unwrap().push(Slow {
+                        listener,
+                        start,
+                        end,
+                        backend,
+                    });
+                }
             }
             Err(f) => self.failures.lock().unwrap().push(Failure {
                 listener,
                 start,
                 end: Instant::now(),
-                end_wall: std::time::SystemTime::now(),
                 backend,
                 what: f.what,
                 outage_shaped: f.outage_shaped,
