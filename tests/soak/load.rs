@@ -366,10 +366,14 @@ async fn http_conn(
                 // The daemon's 502s for a request that reached a backend
                 // which then failed: before its response (a plain "bad
                 // gateway") or in the first part of its body, which the
-                // daemon reads ahead ("malformed response"). "No backend
-                // answered" and 503 mean it found no live backend, which
-                // there always was.
-                let backend_failed = ["bad gateway", "bad gateway: malformed response"];
+                // daemon reads ahead ("cut short"; "malformed" if what
+                // came did not parse). "No backend answered" and 503 mean
+                // it found no live backend, which there always was.
+                let backend_failed = [
+                    "bad gateway",
+                    "bad gateway: the backend's response was cut short",
+                    "bad gateway: malformed response",
+                ];
                 return Err(
                     if status == 502 && backend_failed.contains(&text.as_str()) {
                         Fail::outage(what)

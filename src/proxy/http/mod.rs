@@ -284,7 +284,12 @@ async fn handle(
             Err(e) => {
                 debug!(backend = %backend.name, error = %e, "backend response malformed");
                 backend.state.metrics.http().count(502);
-                return error_response(StatusCode::BAD_GATEWAY, "bad gateway: malformed response");
+                let what = if e.is_parse() {
+                    "bad gateway: malformed response"
+                } else {
+                    "bad gateway: the backend's response was cut short"
+                };
+                return error_response(StatusCode::BAD_GATEWAY, what);
             }
         }
     };
