@@ -69,6 +69,12 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers in one request, as in hyper's own default.
 pub const MAX_HEADERS: usize = 100;
 
+/// The most a connection buffers on each side of the proxy (hyper's
+/// default is ~400 KiB): room for the largest head, and what a client that
+/// stops reading holds until `body_timeout` — with the backend's side held
+/// to the same by backpressure, a stalled reader costs about this twice.
+const MAX_BUF_BYTES: usize = 2 * MAX_HEADER_BYTES;
+
 /// Serve one client connection in HTTP mode; `started` is when it was
 /// accepted (by the process a live upgrade took it over from, perhaps).
 ///
@@ -112,6 +118,7 @@ pub async fn serve(
         .header_read_timeout(header_timeout)
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_BUF_BYTES)
         .serve_connection(
             TokioIo::new(SendDeadline::new(client, body_timeout)),
             service,
@@ -409,7 +416,9 @@ async fn connect(backend: &Backend, settings: &Settings) -> std::io::Result<Send
     let stream =
         sockets::connect(backend.addr, settings.connect_timeout, settings.keepalive).await?;
     backend.state.record_established();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_BUF_BYTES)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {
