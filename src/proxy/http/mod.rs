@@ -25,8 +25,13 @@
 //! no candidate) — the same connect-with-retry loop as tcp mode
 //! ([`super::connect`]). A kept-alive connection that closes under a safe
 //! request without a body (GET, HEAD, OPTIONS) before any answer sends it
-//! once more on a new connection: the backend closed it idle, or died. Connection upgrades (WebSocket) get a dedicated
-//! backend connection and are then relayed as a byte stream.
+//! once more on a new connection: the backend closed it idle, or died.
+//! Connection upgrades (WebSocket) get a dedicated backend connection and
+//! are then relayed as a byte stream.
+//!
+//! What a request must be to reach a backend at all ([`check_host`], and
+//! hyper's parser), and how client and backend faults in a body are told
+//! apart, are in the README's "Hostile and malformed messages".
 
 mod body;
 pub mod pool;
@@ -272,7 +277,12 @@ async fn handle(
             if let Some(status) = fault.status() {
                 debug!(error = %e, "client request body failed");
                 shared.metrics.http_unrouted.count(status.as_u16());
-                return refusal(status, "malformed or incomplete request body");
+                let why = if status == StatusCode::REQUEST_TIMEOUT {
+                    "request body stalled"
+                } else {
+                    "malformed or incomplete request body"
+                };
+                return refusal(status, why);
             }
             debug!(backend = %backend.name, error = %e, "backend request failed");
             backend.state.metrics.http().count(502);
