@@ -162,8 +162,10 @@ for i in 1 2 3; do
         [ "$new" != "$old" ] && [ "$new" != 0 ] && break
         sleep 0.05
     done
-    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.05; done
-    gone=yes; kill -0 "$old" 2>/dev/null && gone=no
+    # The PID is the namespace's: ask there (on the host the same number
+    # can be any process, a kernel thread even).
+    for _ in $(seq 100); do in_ns kill -0 "$old" 2>/dev/null || break; sleep 0.05; done
+    gone=yes; in_ns kill -0 "$old" 2>/dev/null && gone=no
     line="upgrade $i: MainPID $old -> $new, old gone: $gone, ActiveState=$(show ActiveState), NRestarts=$(show NRestarts), client: $(echoed_more 3)"
     echo "$line"
     [[ $new != "$old" && $gone == yes && $line == *"ActiveState=active, NRestarts=0"* && $line == *" ok" ]] || fail=1
