@@ -60,12 +60,15 @@
 //! - `service` — systemd: sd_notify readiness/reload/stop, watchdog.
 //! - `watch` — `--watch`: reload when the config file changes.
 //! - `sockets` — every socket option in one place (socket2).
+//! - `control` — `switchyard status` / `state`: the CLI's client of the
+//!   admin endpoint.
 
 mod admin;
 pub mod backend;
 mod backend_set;
 pub mod balancer;
 pub mod config;
+pub mod control;
 pub mod daemon;
 mod discovery;
 mod handover;

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use switchyard::backend::AdminState;
 use switchyard::config;
+use switchyard::control::{self, ControlError};
 use switchyard::daemon::{self, RunOptions};
 
 /// jemalloc rather than glibc's allocator: each connection's task and its
@@ -53,6 +55,58 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Show the running daemon's listeners and backends; exit 1 when a
+    /// listener has no usable backend.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the admin endpoint's status document (JSON) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a backend's admin state: `ready`, `drain` (no new connections but
+    /// sticky ones) or `maint` (no new connections).
+    State {
+        /// The listener's name.
+        listener: String,
+        /// The backend's name (as `switchyard status` shows it).
+        backend: String,
+        /// The new admin state.
+        #[arg(value_enum)]
+        state: StateArg,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// File holding the admin token [default: the config's `[admin] token_file`].
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+    },
+    /// Print a shell completion script (for the package, or
+    /// `source <(switchyard completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `switchyard man | man -l -`.
+    Man,
+}
+
+/// Where `status` and `state` find the daemon.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The admin endpoint, `http://HOST:PORT` [default: the config's
+    /// `[admin] bind`, else http://127.0.0.1:9900].
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// The config file whose `[admin]` gives the defaults.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum StateArg {
+    Ready,
+    Drain,
+    Maint,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -82,7 +136,97 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, watch } => run(RunOptions { config, watch }),
+        Command::Status { admin, json } => control(status(admin, json)),
+        Command::State {
+            listener,
+            backend,
+            state,
+            admin,
+            token_file,
+        } => control(set_state(listener, backend, state, admin, token_file)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "switchyard",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
+}
+
+/// Run a `status` or `state` exchange on a small runtime of its own.
+fn control(work: impl std::future::Future<Output = Result<ExitCode, ControlError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            // A mistake of the caller's is bad usage (1); a daemon that
+            // cannot be reached or fails is a runtime failure (2).
+            ExitCode::from(match e {
+                ControlError::Usage(_)
+                | ControlError::Unauthorized { .. }
+                | ControlError::NotFound { .. } => 1,
+                ControlError::Unreachable { .. } | ControlError::Refused { .. } => 2,
+            })
+        }
+    }
+}
+
+async fn status(args: AdminArgs, json: bool) -> Result<ExitCode, ControlError> {
+    let (url, _) = control::target(args.admin.as_deref(), None, &args.config)?;
+    let body = control::fetch_status(&url).await?;
+    let status = control::Status::parse(&body)?;
+    if json {
+        println!("{body}");
+    } else {
+        let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        print!("{}", status.table(colour));
+    }
+    let mut code = ExitCode::SUCCESS;
+    for l in status.unusable() {
+        eprintln!("listener {} has no usable backend", l.name);
+        code = ExitCode::from(1);
+    }
+    Ok(code)
+}
+
+async fn set_state(
+    listener: String,
+    backend: String,
+    state: StateArg,
+    args: AdminArgs,
+    token_file: Option<PathBuf>,
+) -> Result<ExitCode, ControlError> {
+    let (url, token) = control::target(args.admin.as_deref(), token_file.as_deref(), &args.config)?;
+    let state = match state {
+        StateArg::Ready => AdminState::Ready,
+        StateArg::Drain => AdminState::Drain,
+        StateArg::Maint => AdminState::Maint,
+    };
+    control::set_state(&url, token.as_deref(), &listener, &backend, state.as_str()).await?;
+    println!("{listener}/{backend}: {}", state.as_str());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -31,6 +31,8 @@ mod locate;
 mod raw;
 mod validate;
 
+pub(crate) use self::validate::read_token;
+
 /// Default config path, as systemd units and packages expect it.
 pub const DEFAULT_PATH: &str = "/etc/switchyard/switchyard.toml";
 

@@ -704,7 +704,7 @@ fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
 }
 
 /// The admin token: the file's content without surrounding white space.
-fn read_token(file: &Path) -> Result<Secret, String> {
+pub(crate) fn read_token(file: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?;
     let token = text.trim();
