@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
 # packages, only those missing: promtool, systemd-analyze, curl,
-# slowhttptest, PostgreSQL, Redis, MariaDB, dnsmasq), then runs every test. The database and DNS tests
-# start their own servers on loopback in temporary directories; no system
-# service is used.
+# slowhttptest, keepalived, lintian, Chromium and ChromeDriver, PostgreSQL,
+# Redis, MariaDB, dnsmasq; and cargo-deb from crates.io), then runs every
+# test. The database, DNS, browser and HA-pair tests start their own servers
+# on loopback or in network namespaces they create; no system service is
+# used.
 # Used as-is by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,10 @@ declare -A needs=(
   [systemd-analyze]=systemd      # verifies deploy/switchyard.service
   [curl]=curl                    # the keepalived readiness check script
   [slowhttptest]=slowhttptest    # slowloris, slow body and slow read (tests/slow_clients.rs)
+  [keepalived]=keepalived        # the active/standby pair (tests/ha_failover.rs)
+  [lintian]=lintian              # checks the Debian package (tests/package.rs)
+  [chromium]=chromium            # the status page in a real browser (tests/status_page.rs)
+  [chromedriver]=chromium-driver
 )
 missing=()
 for cmd in "${!needs[@]}"; do
@@ -38,5 +44,9 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# cargo-deb builds the Debian package (tests/package.rs); pinned, so a CI
+# run builds what was tested here.
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb --version 3.8.0
 
 cargo test --all-targets --locked "$@"
