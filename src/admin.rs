@@ -3,6 +3,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
+//! | `GET /` | the status page (`status_page.html`), for a person |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 once listeners are bound and the config loaded; 503 before and during shutdown |
@@ -56,6 +57,36 @@ const MAX_BODY: usize = 1024;
 /// connections and sits on them costs a bounded number of tasks and fds,
 /// and the data path none of its own.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// The status page: one self-contained file, compiled in.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// The page's Content-Security-Policy: its own inline script and style
+/// (by hash) and requests to this endpoint, nothing else; no framing, so
+/// another site cannot overlay its buttons.
+fn status_page_policy() -> &'static str {
+    static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let hash = |tag: &str| {
+            use base64::Engine;
+            use sha2::Digest;
+            let open = format!("<{tag}>");
+            let start = STATUS_PAGE.find(&open).expect("page has the tag") + open.len();
+            let end = STATUS_PAGE.find(&format!("</{tag}>")).expect("tag closed");
+            let digest = sha2::Sha256::digest(&STATUS_PAGE.as_bytes()[start..end]);
+            format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            )
+        };
+        format!(
+            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
+             img-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+            hash("script"),
+            hash("style")
+        )
+    });
+    &POLICY
+}
 
 /// Written, without waiting, to a connection over [`MAX_CONNECTIONS`].
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 28\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many admin connections\r\n";
@@ -263,6 +294,24 @@ pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
+        [""] => match *req.method() {
+            Method::GET | Method::HEAD => {
+                let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
+                let h = r.headers_mut();
+                use hyper::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, HeaderValue};
+                h.insert(
+                    CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(status_page_policy()),
+                );
+                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                h.insert(
+                    "x-content-type-options",
+                    HeaderValue::from_static("nosniff"),
+                );
+                r
+            }
+            _ => method_not_allowed("GET, HEAD"),
+        },
         ["metrics"] => match *req.method() {
             Method::GET | Method::HEAD => reply(
                 StatusCode::OK,
@@ -283,7 +332,13 @@ pub async fn handle(req: Request<Incoming>, ctx: &AdminContext, peer: SocketAddr
             _ => method_not_allowed("GET, HEAD"),
         },
         ["api", "v1", "status"] => match *req.method() {
-            Method::GET => json_reply(StatusCode::OK, &status(&ctx.directory)),
+            Method::GET => {
+                let mut doc = status(&ctx.directory);
+                // The status page offers state changes without asking for a
+                // token when none is needed.
+                doc["admin"] = json!({"token_required": ctx.token.load().is_some()});
+                json_reply(StatusCode::OK, &doc)
+            }
             _ => method_not_allowed("GET"),
         },
         [

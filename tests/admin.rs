@@ -602,3 +602,61 @@ async fn admin_connections_are_bounded_and_silent_ones_are_cut() {
     // Their places are free again.
     assert_eq!(http(admin, "GET", "/healthz", &[], "").await.0, 200);
 }
+
+/// `GET /`: the status page, self-contained and locked down: no asset from
+/// anywhere else, a policy that allows only its own script and style and
+/// requests to this endpoint, and no framing by another site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_is_self_contained_and_locked_down() {
+    let a = NamedBackend::start("a").await;
+    let d = Daemon::start(&format!(
+        "{ADMIN}{}",
+        listener_toml("roundrobin", "", &[b("a", a.addr)])
+    ));
+    let admin = d.admin.unwrap();
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    within("the page", s.read_to_string(&mut raw))
+        .await
+        .unwrap();
+    let (head, page) = raw.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: text/html; charset=utf-8\r\n"),
+        "{head}"
+    );
+    let policy = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-security-policy: "))
+        .unwrap_or_else(|| panic!("no policy in {head}"));
+    for part in [
+        "default-src 'none'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+        "script-src 'sha256-",
+        "style-src 'sha256-",
+    ] {
+        assert!(policy.contains(part), "{policy}");
+    }
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    for external in [
+        "src=", "href=", "@import", "url(", "//cdn", "http://", "https://",
+    ] {
+        assert!(!page.contains(external), "the page refers to `{external}`");
+    }
+    assert!(
+        page.contains("fetch(\"/api/v1/status\""),
+        "it reads the status API"
+    );
+
+    assert_eq!(http(admin, "POST", "/", &[], "").await.0, 405);
+    // No token configured: the page may offer changes without one.
+    let (_, body) = http(admin, "GET", "/api/v1/status", &[], "").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["admin"]["token_required"], false, "{body}");
+}

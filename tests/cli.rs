@@ -140,3 +140,230 @@ async fn daemon_proxies_and_stops_cleanly_on_sigterm() {
         0
     );
 }
+
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary()).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `switchyard status` / `state` run as separate processes against the
+/// real daemon: the table, the JSON, exit codes, and errors that say what
+/// to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_state_commands_drive_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "cli-t0ken\n").unwrap();
+    let wrong_token = dir.path().join("wrong");
+    std::fs::write(&wrong_token, "nope\n").unwrap();
+    let live = NamedBackend::start("live").await;
+    let dead = NamedBackend::start("dead").await;
+    dead.stop();
+    let fast = "[listener.health_check]\ninterval = \"300ms\"\ntimeout = \"200ms\"\n";
+    let admin_table = |bind: &str| {
+        format!(
+            "[admin]\nbind = \"{bind}\"\ntoken_file = \"{}\"\n{}{fast}",
+            token_file.display(),
+            listener_toml(
+                "roundrobin",
+                "",
+                &[b("live", live.addr), b("dead", dead.addr)]
+            )
+        )
+    };
+    let d = Daemon::start(&admin_table("127.0.0.1:0"));
+    let admin = d.admin.unwrap();
+    let url = format!("http://{admin}");
+    // A config naming the endpoint's real address: `state` and `status`
+    // take the URL and the token from its [admin] when not given.
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, admin_table(&admin.to_string())).unwrap();
+    let config = config.to_str().unwrap();
+
+    let start = std::time::Instant::now();
+    let (code, table, stderr) = loop {
+        let (code, table, stderr) = cli(&["status", "--admin", &url]);
+        if table.contains("(connection refused)") {
+            break (code, table, stderr);
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "dead never shown down:\n{table}{stderr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, Some(0), "one usable backend: {stderr}");
+    assert!(
+        !table.contains('\x1b'),
+        "colour only on a terminal:\n{table}"
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("l 127.0.0.1:"), "{table}");
+    assert!(lines[0].contains("(tcp, roundrobin)"), "{table}");
+    let columns: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        columns,
+        [
+            "BACKEND", "ADDRESS", "HEALTH", "ADMIN", "ROLE", "ACTIVE", "TOTAL", "ERRORS"
+        ]
+    );
+    let row = |name: &str| -> Vec<String> {
+        let line = lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row {name} in\n{table}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    assert_eq!(row("live")[1], live.addr.to_string());
+    assert_eq!(row("live")[2..5], ["up", "ready", "-"]);
+    assert_eq!(row("dead")[2..5], ["down", "ready", "-"]);
+
+    let (code, json, _) = cli(&["status", "--json", "--admin", &url]);
+    assert_eq!(code, Some(0));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["listeners"][0]["name"], "l");
+    assert_eq!(doc["admin"]["token_required"], true);
+
+    // Without a token, with a wrong one, for a backend that is not there.
+    let (code, _, stderr) = cli(&["state", "l", "live", "drain", "--admin", &url]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no token given"), "{stderr}");
+    assert!(stderr.contains("--token-file"), "{stderr}");
+    let wrong = wrong_token.to_str().unwrap();
+    let (code, _, stderr) = cli(&[
+        "state",
+        "l",
+        "live",
+        "drain",
+        "--admin",
+        &url,
+        "--token-file",
+        wrong,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("wrong token"), "{stderr}");
+    let (code, _, stderr) = cli(&["state", "l", "nope", "drain", "--config", config]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no backend `nope` in listener `l`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("switchyard status"), "{stderr}");
+    let (code, _, stderr) = cli(&["state", "l", "live", "sleepy", "--config", config]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("ready, drain, maint"), "{stderr}");
+    let (status, body) = http(
+        admin,
+        "GET",
+        "/api/v1/listeners/l/backends/live/state",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"admin_state\":\"ready\""),
+        "refused changes changed it: {body}"
+    );
+
+    // URL and token from the config file: drain the only backend that was
+    // up; now no listener has a usable backend and `status` exits 1.
+    let (code, stdout, stderr) = cli(&["state", "l", "live", "drain", "--config", config]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "l/live: drain\n");
+    let (_, body) = http(
+        admin,
+        "GET",
+        "/api/v1/listeners/l/backends/live/state",
+        &[],
+        "",
+    )
+    .await;
+    assert!(body.contains("\"admin_state\":\"drain\""), "{body}");
+    let (code, table, stderr) = cli(&["status", "--config", config]);
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    assert!(table.contains("NO USABLE BACKEND"), "{table}");
+    assert_eq!(stderr, "listener l has no usable backend\n");
+    assert_eq!(row_of(&table, "live")[3], "drain");
+
+    let token = token_file.to_str().unwrap();
+    let (code, stdout, stderr) = cli(&[
+        "state",
+        "l",
+        "live",
+        "ready",
+        "--admin",
+        &url,
+        "--token-file",
+        token,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "l/live: ready\n");
+    assert_eq!(cli(&["status", "--admin", &url]).0, Some(0));
+}
+
+fn row_of(table: &str, name: &str) -> Vec<String> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn status_without_a_daemon_says_what_to_do_and_exits_2() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    for args in [
+        vec!["status", "--admin", url.as_str()],
+        vec!["state", "l", "a", "drain", "--admin", url.as_str()],
+    ] {
+        let (code, _, stderr) = cli(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot reach the admin endpoint at {url}")),
+            "{stderr}"
+        );
+        assert!(stderr.contains("is switchyard running"), "{stderr}");
+    }
+    let (code, _, stderr) = cli(&["status", "--admin", "https://127.0.0.1:9900"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("plain http://"), "{stderr}");
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, stderr) = cli(&["completions", shell]);
+        assert_eq!(code, Some(0), "{shell}: {stderr}");
+        // (fish spells options `-l admin`, the others `--admin`.)
+        for word in [
+            "run",
+            "check",
+            "status",
+            "state",
+            "admin",
+            "token-file",
+            "drain",
+        ] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let (code, man, stderr) = cli(&["man"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(man.contains(".TH switchyard 1"), "{man}");
+    for word in ["run", "check", "status", "state"] {
+        assert!(man.contains(word), "man page lacks {word}");
+    }
+}
