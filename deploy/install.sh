@@ -19,12 +19,17 @@
 # Idempotent: a file whose content and mode are already right is left alone
 # (not even its mtime changes), so running it twice changes nothing.
 #
-# Why a script and not `cargo deb` or an RPM spec: it needs no extra tool
-# (cargo-deb would have to be installed first), works the same on any
-# systemd distribution, and installs into a temporary root with DESTDIR, which
-# is how tests/service_files.rs checks it. Packagers can call it with DESTDIR
-# and create the user in their postinst (with DESTDIR set, the script only
-# prints the command it would have run).
+# On Debian 12 or later, install the package instead: `bash
+# scripts/package.sh` builds it with cargo-deb (these files plus the man
+# page and shell completions; /etc/switchyard/switchyard.toml as a dpkg
+# conffile, which an upgrade never replaces without asking; the user
+# created by its postinst; removal and purge through dpkg;
+# tests/package.rs checks it). This script is for other systemd
+# distributions: it needs no extra tool, and installs into a temporary root
+# with DESTDIR, which is how tests/service_files.rs checks it. Packagers of
+# other formats can call it with DESTDIR and create the user in their
+# post-install step (with DESTDIR set, the script only prints the command
+# it would have run).
 #
 # The unit goes to /lib/systemd/system, the distribution's ("vendor") unit
 # directory, not /etc/systemd/system: /etc/systemd/system belongs to the
