@@ -110,9 +110,15 @@ generate() {
 # Debian policy: man pages are gzipped with the best compression, and so is
 # documentation over 4 kB (-n: no name or timestamp inside, so the same
 # input gives the same bytes).
-generate "$assets/switchyard.1" "$binary" man
-generate "$assets/switchyard.1.gz" gzip -9nc "$assets/switchyard.1"
-rm "$assets/switchyard.1"
+# switchyard.1 and one page per subcommand (switchyard-run.1, ...), which
+# the main page's SUBCOMMANDS section refers to.
+mkdir -p "$assets/man"
+"$binary" man --dir "$assets/man"
+[[ -s $assets/man/switchyard.1 ]] || { echo "package.sh: 'switchyard man --dir' wrote no switchyard.1" >&2; exit 1; }
+for page in "$assets"/man/*.1; do
+  generate "$page.gz" gzip -9nc "$page"
+  rm "$page"
+done
 generate "$assets/switchyard.bash" "$binary" completions bash
 generate "$assets/_switchyard" "$binary" completions zsh
 generate "$assets/switchyard.fish" "$binary" completions fish

@@ -29,7 +29,12 @@ static MALLOC_CONF: Option<&'static std::ffi::c_char> = Some(unsafe {
 });
 
 #[derive(Parser, Debug)]
-#[command(name = "switchyard", version, about = "Layer-4 load balancer")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Layer-4 load balancer",
+    disable_help_subcommand = true
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -86,8 +91,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), e.g. `switchyard man | man -l -`.
-    Man,
+    /// Print the manual page (roff), e.g. `switchyard man | man -l -`; with
+    /// `--dir`, write it and one page per subcommand there.
+    Man {
+        /// Write switchyard.1, switchyard-run.1, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Where `status` and `state` find the daemon.
@@ -153,11 +163,20 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Command::Man { dir } => {
+            let written = match &dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            };
+            match written {
                 Ok(()) => ExitCode::SUCCESS,
+                // `switchyard man | head` is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    match dir {
+                        Some(dir) => eprintln!("error: {}: {e}", dir.display()),
+                        None => eprintln!("error: {e}"),
+                    }
                     ExitCode::from(2)
                 }
             }

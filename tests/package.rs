@@ -213,6 +213,31 @@ fn expected_files() -> BTreeMap<String, (&'static str, Option<PathBuf>)> {
             (EXEC, src("deploy/keepalived/notify.sh")),
         ),
         ("/usr/share/man/man1/switchyard.1.gz".into(), (DATA, None)),
+        // The pages the main page's SUBCOMMANDS section refers to.
+        (
+            "/usr/share/man/man1/switchyard-run.1.gz".into(),
+            (DATA, None),
+        ),
+        (
+            "/usr/share/man/man1/switchyard-check.1.gz".into(),
+            (DATA, None),
+        ),
+        (
+            "/usr/share/man/man1/switchyard-status.1.gz".into(),
+            (DATA, None),
+        ),
+        (
+            "/usr/share/man/man1/switchyard-state.1.gz".into(),
+            (DATA, None),
+        ),
+        (
+            "/usr/share/man/man1/switchyard-completions.1.gz".into(),
+            (DATA, None),
+        ),
+        (
+            "/usr/share/man/man1/switchyard-man.1.gz".into(),
+            (DATA, None),
+        ),
         (
             "/usr/share/bash-completion/completions/switchyard".into(),
             (DATA, None),
