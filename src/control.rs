@@ -60,7 +60,12 @@ pub struct AdminUrl {
 impl AdminUrl {
     pub fn parse(url: &str) -> Result<AdminUrl, ControlError> {
         let bad = |why: &str| ControlError::Usage(format!("--admin {url}: {why}"));
-        let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        // `HOST:PORT` alone means http://HOST:PORT.
+        let full = match url.contains("://") {
+            true => url.to_owned(),
+            false => format!("http://{url}"),
+        };
+        let uri: hyper::Uri = full.parse().map_err(|_| bad("not a URL"))?;
         match uri.scheme_str() {
             Some("http") | None => {}
             Some(_) => return Err(bad("the admin endpoint speaks plain http://")),
