@@ -518,6 +518,13 @@ pub fn status(directory: &Directory) -> serde_json::Value {
                 "open_client_connections": route.shared.open.open(),
                 "max_connections": c.max_connections,
                 "queued_connections": route.shared.queue.waiting(),
+                "tls": c.tls.as_ref().map(|t| json!({
+                    "min_version": t.min_version.as_str(),
+                    "certificates": t.certificates.iter().map(|cert| json!({
+                        "names": cert.names,
+                        "not_after": humantime::format_rfc3339_seconds(cert.not_after).to_string(),
+                    })).collect::<Vec<_>>(),
+                })),
                 "backends": backends,
             })
         })

@@ -276,6 +276,13 @@ impl Owner {
         if *self.settings != settings {
             self.settings = Arc::new(settings);
         }
+        let certificates: Vec<_> = config
+            .tls
+            .iter()
+            .flat_map(|t| t.certificates.iter())
+            .map(|c| (c.names.clone(), c.not_after))
+            .collect();
+        self.metrics.certificates(&config.name, &certificates);
         self.config = config;
         self.discovery = discovery;
         self.sync_watches(primed);

@@ -82,5 +82,6 @@ mod service;
 mod sockets;
 mod sync;
 mod ticks;
+pub mod tls;
 pub mod upgrade;
 mod watch;

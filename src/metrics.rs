@@ -41,6 +41,9 @@ pub mod names {
     pub const DNS_LOOKUPS_TOTAL: &str = "switchyard_dns_lookups_total";
     pub const UDP_DATAGRAMS_TOTAL: &str = "switchyard_udp_datagrams_total";
     pub const UPGRADES_TOTAL: &str = "switchyard_upgrades_total";
+    pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
+    pub const TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+        "switchyard_tls_certificate_expiry_timestamp_seconds";
     pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS: &str =
         "switchyard_config_last_reload_success_timestamp_seconds";
 }
@@ -99,6 +102,10 @@ pub struct Metrics {
     accept_paused: IntCounterVec,
     dns_lookups: IntCounterVec,
     upgrades: IntCounterVec,
+    tls_handshakes: IntCounterVec,
+    tls_expiry: IntGaugeVec,
+    /// The names each TLS listener's expiry series are labelled with now.
+    tls_names: Mutex<HashMap<String, Vec<String>>>,
     last_reload_success: Gauge,
     /// Histogram series carried from the process a live upgrade took over
     /// from, added to the live ones whenever they are encoded (a
@@ -255,6 +262,17 @@ impl Metrics {
                 "Live upgrades (SIGUSR2), by result, counted by the process that serves afterwards.",
                 &["result"],
             ),
+            tls_handshakes: counter(
+                TLS_HANDSHAKES_TOTAL,
+                "TLS handshakes on a listener, by result (success, failure).",
+                &["listener", "result"],
+            ),
+            tls_expiry: gauge(
+                TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+                "Unix time at which a listener's certificate for this name expires (notAfter).",
+                &["listener", "name"],
+            ),
+            tls_names: Mutex::default(),
             last_reload_success: reg(
                 &registry,
                 Gauge::new(
@@ -368,7 +386,7 @@ impl Metrics {
     /// added. Applied once, before the first scrape.
     pub fn carry(&self, series: Vec<Carried>, keep: impl Fn(&[(String, String)]) -> bool) {
         use prometheus::core::Collector;
-        let counters: [&IntCounterVec; 11] = [
+        let counters: [&IntCounterVec; 12] = [
             &self.connections,
             &self.bytes,
             &self.connect_errors,
@@ -380,6 +398,7 @@ impl Metrics {
             &self.accept_paused,
             &self.dns_lookups,
             &self.upgrades,
+            &self.tls_handshakes,
         ];
         let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
         for s in series.into_iter().filter(|s| keep(&s.labels)) {
@@ -515,6 +534,37 @@ impl Metrics {
                 self.http_requests.clone(),
                 (listener.into(), "".into()),
             )),
+            tls_success: self
+                .tls_handshakes
+                .with_label_values(&[listener, "success"]),
+            tls_failure: self
+                .tls_handshakes
+                .with_label_values(&[listener, "failure"]),
+        }
+    }
+
+    /// A listener's certificates now: one expiry series per
+    /// subjectAltName DNS name (the first certificate's wins where two
+    /// share a name, as SNI picks it); none for a plain listener.
+    pub fn certificates(&self, listener: &str, certs: &[(Vec<String>, SystemTime)]) {
+        let mut names = self.tls_names.lock().unwrap_or_else(|e| e.into_inner());
+        for old in names.remove(listener).unwrap_or_default() {
+            let _ = self.tls_expiry.remove_label_values(&[listener, &old]);
+        }
+        let mut now = Vec::new();
+        for (cert_names, not_after) in certs {
+            let at = not_after
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for name in cert_names {
+                if !now.contains(name) {
+                    self.tls_expiry.with_label_values(&[listener, name]).set(at);
+                    now.push(name.clone());
+                }
+            }
+        }
+        if !now.is_empty() {
+            names.insert(listener.to_owned(), now);
         }
     }
 
@@ -832,6 +882,8 @@ pub struct ListenerMetrics {
     pub accept_paused: IntCounter,
     /// HTTP responses that no backend produced (503, 502), `backend=""`.
     pub http_unrouted: Arc<HttpCodes>,
+    pub tls_success: IntCounter,
+    pub tls_failure: IntCounter,
 }
 
 impl ListenerMetrics {

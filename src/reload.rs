@@ -130,6 +130,7 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         header_timeout,
         body_timeout,
         sticky,
+        tls,
         udp_replies,
         backends: _,
     } = a;
@@ -151,6 +152,8 @@ fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && *header_timeout == b.header_timeout
         && *body_timeout == b.body_timeout
         && *sticky == b.sticky
+        // The same files with the same contents (see `tls::Terminator`).
+        && *tls == b.tls
         && *udp_replies == b.udp_replies
 }
 

@@ -180,6 +180,7 @@ impl Server {
             {
                 l.frontend.stop().await;
                 l.backends.stop().await;
+                self.metrics.certificates(name, &[]);
                 info!(listener = %name, "listener removed");
             }
         }
@@ -459,7 +460,7 @@ impl Server {
             .unwrap_or_else(tokio::time::Instant::now);
         let span = tracing::debug_span!("conn", listener = %current.settings.name, peer = %frozen.peer, adopted = true);
         let conn = crate::proxy::http::serve(
-            client,
+            crate::proxy::http::Client::Plain(client),
             frozen.peer,
             l.route.clone(),
             self.ctx.clone(),

@@ -145,6 +145,8 @@ pub struct ListenerConfig {
     pub body_timeout: Duration,
     /// HTTP mode: lbCookie stickiness.
     pub sticky: Option<Sticky>,
+    /// TLS termination (tcp and http modes): certificates loaded.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
     /// UDP mode: a session ends after this many replies.
     pub udp_replies: Option<u32>,
     /// In file order.

@@ -104,8 +104,35 @@ pub(super) struct RawListener {
     #[serde(default, with = "humantime_serde")]
     pub body_timeout: Option<Duration>,
     pub sticky: Option<RawSticky>,
+    pub tls: Option<RawTls>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
+}
+
+/// `[listener.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    pub min_version: RawTlsVersion,
+}
+
+/// One entry of `[listener.tls] certificates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertificate {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub(super) enum RawTlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 /// `[listener.health_check]`

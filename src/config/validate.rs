@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use super::locate::{FieldError, FieldPath};
 use super::raw::{
-    RawAdmin, RawBackend, RawConfig, RawGlobal, RawHealthCheck, RawListener, RawSticky,
-    StickyMethod, defaults,
+    RawAdmin, RawBackend, RawConfig, RawGlobal, RawHealthCheck, RawListener, RawSticky, RawTls,
+    RawTlsVersion, StickyMethod, defaults,
 };
 use super::{
     AdminConfig, BackendConfig, BackendEntry, CheckKind, Config, Discover, DnsBackend, DnsQuery,
@@ -153,6 +153,10 @@ fn listener(
         None => None,
         Some(st) => Some(sticky(st, l.mode, &at.key("sticky"))?),
     };
+    let tls = match l.tls {
+        None => None,
+        Some(t) => Some(tls(t, l.mode, &at.key("tls"))?),
+    };
     let header_timeout = http_timeout(
         l.header_timeout,
         defaults::header_timeout,
@@ -199,6 +203,7 @@ fn listener(
         header_timeout,
         body_timeout,
         sticky,
+        tls,
         udp_replies: l.udp_replies,
         backends,
     })
@@ -209,6 +214,7 @@ fn listener(
 fn not_on_udp(l: &RawListener, at: &FieldPath) -> Result<(), FieldError> {
     let set = [
         ("sticky", l.sticky.is_some()),
+        ("tls", l.tls.is_some()),
         ("proxy_protocol", l.proxy_protocol.is_some()),
         ("retries", l.retries.is_some()),
         ("queue_timeout", l.queue_timeout.is_some()),
@@ -482,6 +488,39 @@ fn sticky(st: RawSticky, mode: Mode, at: &FieldPath) -> Result<Sticky, FieldErro
         cookie: st.cookie,
         max_age: st.max_age,
     })
+}
+
+/// `[listener.tls]`: every certificate loaded and checked now (at start,
+/// `check` and reload alike), so a bad file names its field.
+fn tls(t: RawTls, mode: Mode, at: &FieldPath) -> Result<Arc<crate::tls::Terminator>, FieldError> {
+    use crate::tls::{CertFiles, MinVersion, Terminator, Which};
+    if t.certificates.is_empty() {
+        return Err(err(
+            at.key("certificates"),
+            "needs at least one `{ cert = \"…\", key = \"…\" }`".into(),
+        ));
+    }
+    let files: Vec<CertFiles> = t
+        .certificates
+        .into_iter()
+        .map(|c| CertFiles {
+            cert: c.cert,
+            key: c.key,
+        })
+        .collect();
+    let min_version = match t.min_version {
+        RawTlsVersion::Tls12 => MinVersion::Tls12,
+        RawTlsVersion::Tls13 => MinVersion::Tls13,
+    };
+    Terminator::load(&files, min_version, mode == Mode::Http)
+        .map(Arc::new)
+        .map_err(|(i, e)| {
+            let field = match e.which {
+                Which::Cert => "cert",
+                Which::Key => "key",
+            };
+            err(at.item("certificates", i).key(field), e.message)
+        })
 }
 
 /// The `[[listener.backend]]` list of listener `listener` (at `at`): at

@@ -87,6 +87,12 @@ pub async fn accept_loop(
                 }
                 let open = current.shared.open.enter();
                 let span = debug_span!("conn", listener = %settings.name, %peer);
+                if settings.tls.is_some() {
+                    drop(current);
+                    let conn = super::tls::serve(stream, peer, route.clone(), ctx.clone(), open);
+                    ctx.tracker.spawn(conn.instrument(span));
+                    continue;
+                }
                 match settings.mode {
                     Mode::Tcp => {
                         let abort = ctx.abort.clone();
@@ -95,7 +101,7 @@ pub async fn accept_loop(
                     }
                     Mode::Http => {
                         drop(current);
-                        let client = Prefixed::new(stream, Bytes::new());
+                        let client = http::Client::Plain(Prefixed::new(stream, Bytes::new()));
                         let conn = http::serve(
                             client,
                             peer,

@@ -17,7 +17,9 @@ pub mod proxy_protocol;
 pub(crate) mod queue;
 pub(crate) mod relay;
 pub(crate) mod splice;
+pub(crate) mod stream;
 pub(crate) mod tcp;
+pub(crate) mod tls;
 pub(crate) mod udp;
 
 use std::net::SocketAddr;
@@ -72,6 +74,8 @@ pub struct Shared {
     pub metrics: ListenerMetrics,
     /// HTTP mode: idle keep-alive connections to backends.
     pub idle: http::pool::IdlePool,
+    /// TLS: failed handshakes, summed up in the log.
+    pub tls_failures: crate::tls::FailureLog,
 }
 
 impl Shared {
@@ -81,6 +85,7 @@ impl Shared {
             open: Arc::default(),
             metrics,
             idle: Default::default(),
+            tls_failures: Default::default(),
         }
     }
 }

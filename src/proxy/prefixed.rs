@@ -11,20 +11,21 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// `stream`, read from `prefix` first.
+/// `stream` (a TCP socket, or a TLS stream on one), read from `prefix`
+/// first.
 #[derive(Debug)]
-pub struct Prefixed {
+pub struct Prefixed<S = TcpStream> {
     pub prefix: Bytes,
-    pub stream: TcpStream,
+    pub stream: S,
 }
 
-impl Prefixed {
-    pub fn new(stream: TcpStream, prefix: Bytes) -> Prefixed {
+impl<S> Prefixed<S> {
+    pub fn new(stream: S, prefix: Bytes) -> Prefixed<S> {
         Prefixed { prefix, stream }
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -40,7 +41,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -96,12 +96,50 @@ async fn place(
     open: Open,
 ) -> Option<Session> {
     // TCP_NODELAY and keepalive came with the socket from the listener.
+    // getsockname only when a PROXY header is wanted.
+    let local = || client.local_addr().ok();
+    let Placed {
+        upstream,
+        slot,
+        cut,
+    } = reach_for(&route, peer, local, &abort).await?;
+    // From here on the connection holds what it uses, not the route: a
+    // session that lasts for days pins no pool.
+    Some(Session {
+        relay: Relay::new(route.settings.idle_timeout, route.settings.keepalive),
+        client,
+        upstream,
+        cut: cut.tripped(),
+        duration: route.shared.metrics.connection_duration.clone(),
+        started: Instant::now(),
+        slot,
+        _open: open,
+    })
+}
+
+/// A backend connection made for a client, its PROXY header sent.
+pub(crate) struct Placed {
+    pub upstream: TcpStream,
+    pub slot: Slot,
+    pub cut: Tripwire,
+}
+
+/// Reach a backend for a client from `peer` (queue, connect with retries)
+/// and send the PROXY header (for the listener address `local` gives):
+/// the one way a stream connection is placed, plain or TLS. `None`: it
+/// ended here (no backend, shutdown, a failed PROXY header).
+pub(crate) async fn reach_for(
+    route: &Route,
+    peer: SocketAddr,
+    local: impl FnOnce() -> Option<SocketAddr>,
+    abort: &Tripwire,
+) -> Option<Placed> {
     // Waiting in the queue or connecting must not outlast the shutdown
     // grace either.
     let reached = tokio::select! {
         biased;
         () = abort.tripped() => return None,
-        r = connect_backend(&route, peer) => r,
+        r = connect_backend(route, peer) => r,
     };
     let Reached {
         backend,
@@ -117,30 +155,19 @@ async fn place(
             return None;
         }
     };
-    // getsockname only when a PROXY header is wanted.
     let version = route.settings.proxy_protocol;
     if version != ProxyProtocol::Off
-        && let Some(header) = client
-            .local_addr()
-            .ok()
-            .and_then(|local| proxy_protocol::header(version, peer, local))
+        && let Some(header) = local().and_then(|local| proxy_protocol::header(version, peer, local))
         && let Err(e) = write_all(&upstream, &header).await
     {
         debug!(error = %e, "sending the PROXY header failed");
         return None;
     }
     debug!(backend = %backend.name, "connected");
-    // From here on the connection holds what it uses, not the route: a
-    // session that lasts for days pins no pool.
-    Some(Session {
-        relay: Relay::new(route.settings.idle_timeout, route.settings.keepalive),
-        client,
+    Some(Placed {
         upstream,
-        cut: cut.tripped(),
-        duration: route.shared.metrics.connection_duration.clone(),
-        started: Instant::now(),
         slot,
-        _open: open,
+        cut,
     })
 }
 

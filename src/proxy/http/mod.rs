@@ -80,6 +80,72 @@ pub const MAX_HEADERS: usize = 100;
 /// to the same by backpressure, a stalled reader costs about this twice.
 const MAX_BUF_BYTES: usize = 2 * MAX_HEADER_BYTES;
 
+/// The client side of an HTTP-mode connection, with any bytes read ahead.
+pub enum Client {
+    Plain(Prefixed),
+    /// On a TLS listener: its session keys are in this process, so it is
+    /// never handed over; a WebSocket on it is relayed decrypted.
+    Tls(Prefixed<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>),
+}
+
+impl Client {
+    fn push_prefix(&mut self, more: &[u8]) {
+        let prefix = match self {
+            Client::Plain(c) => &mut c.prefix,
+            Client::Tls(c) => &mut c.prefix,
+        };
+        if !more.is_empty() {
+            *prefix = [&prefix[..], more].concat().into();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Client {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(c) => std::pin::Pin::new(c).poll_read(cx, buf),
+            Client::Tls(c) => std::pin::Pin::new(c).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(c) => std::pin::Pin::new(c).poll_write(cx, buf),
+            Client::Tls(c) => std::pin::Pin::new(c).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(c) => std::pin::Pin::new(c).poll_flush(cx),
+            Client::Tls(c) => std::pin::Pin::new(c).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(c) => std::pin::Pin::new(c).poll_shutdown(cx),
+            Client::Tls(c) => std::pin::Pin::new(c).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Serve one client connection in HTTP mode; `started` is when it was
 /// accepted (by the process a live upgrade took it over from, perhaps).
 ///
@@ -90,7 +156,7 @@ const MAX_BUF_BYTES: usize = 2 * MAX_HEADER_BYTES;
 /// graceful shutdown: an idle connection stops at once, one with a request
 /// in progress answers it (with `Connection: close`) first.
 pub async fn serve(
-    client: Prefixed,
+    client: Client,
     peer: SocketAddr,
     route: Arc<ArcSwap<Route>>,
     ctx: ConnContext,
@@ -109,7 +175,8 @@ pub async fn serve(
     };
     let tunnel = TunnelSlot::default();
     let route_cell = route.clone();
-    let shared = Arc::new((Forwarding::of(peer.ip()), tunnel.clone()));
+    let https = matches!(client, Client::Tls(_));
+    let shared = Arc::new((Forwarding::of(peer.ip(), https), tunnel.clone()));
     let service = service_fn(move |req| {
         let (route, shared) = (route.clone(), shared.clone());
         // Boxed: `poll_without_shutdown` wants an `Unpin` future.
@@ -164,10 +231,23 @@ pub async fn serve(
     let parts = conn.into_parts();
     let mut client = parts.io.into_inner().into_inner();
     // What hyper read past the last request it answered.
-    if !parts.read_buf.is_empty() {
-        client.prefix = [&client.prefix[..], &parts.read_buf[..]].concat().into();
-    }
+    client.push_prefix(&parts.read_buf);
     let pending = tunnel.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let client = match client {
+        Client::Plain(client) => client,
+        Client::Tls(mut client) => {
+            if let Some(t) = pending {
+                t.run_tls(client, open, &route_cell, &ctx, started).await;
+                return;
+            }
+            // close_notify, then FIN: the client sees a clean end.
+            use tokio::io::AsyncWriteExt;
+            let close = client.stream.shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+            duration.observe(started.elapsed().as_secs_f64());
+            return;
+        }
+    };
     if let Some(t) = pending {
         // This task goes on as the tunnel (still tracked).
         t.run(client, open, &route_cell, started).await;
@@ -490,6 +570,49 @@ impl Tunnel {
     }
 }
 
+impl Tunnel {
+    /// The same over TLS: the decrypted stream relayed to the backend
+    /// (half-close, idle timeout, counters, cut), never handed over.
+    async fn run_tls(
+        self,
+        client: Prefixed<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+        open: Open,
+        route: &ArcSwap<Route>,
+        ctx: &ConnContext,
+        started: Instant,
+    ) {
+        let Ok(backend) = self.backend.await else {
+            debug!("upgrade did not complete");
+            return;
+        };
+        let Ok(parts) = backend.downcast::<TokioIo<tokio::net::TcpStream>>() else {
+            debug!("upgraded backend connection is not a TCP stream");
+            return;
+        };
+        let stream = {
+            let route = route.load();
+            super::stream::Stream {
+                idle: route.settings.idle_timeout,
+                duration: route.shared.metrics.connection_duration.clone(),
+                started,
+                slot: self.slot,
+                cut: self.cut,
+                abort: ctx.abort.clone(),
+                _open: open,
+            }
+        };
+        let end = stream
+            .relay(
+                client.stream,
+                parts.io.into_inner(),
+                client.prefix,
+                parts.read_buf,
+            )
+            .await;
+        debug!(end, "tunnel ended");
+    }
+}
+
 /// Whether the client asks to switch protocols (WebSocket and the like).
 fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
@@ -546,12 +669,15 @@ struct Forwarding {
     /// The client's address: `X-Forwarded-For` when the request has none,
     /// appended to the request's own otherwise.
     xff: Option<HeaderValue>,
-    /// `Forwarded: for=<client>;proto=http`.
+    /// `Forwarded: for=<client>;proto=http` (or `https`).
     forwarded: Option<HeaderValue>,
+    /// A TLS listener's: `X-Forwarded-Proto: https`, replacing any the
+    /// client sent (it could claim a protection it does not have).
+    https: bool,
 }
 
 impl Forwarding {
-    fn of(client: IpAddr) -> Forwarding {
+    fn of(client: IpAddr, https: bool) -> Forwarding {
         let client = client.to_canonical();
         let node = match client {
             IpAddr::V4(v4) => v4.to_string(),
@@ -559,7 +685,12 @@ impl Forwarding {
         };
         Forwarding {
             xff: HeaderValue::from_str(&client.to_string()).ok(),
-            forwarded: HeaderValue::from_str(&format!("for={node};proto=http")).ok(),
+            forwarded: HeaderValue::from_str(&format!(
+                "for={node};proto={}",
+                if https { "https" } else { "http" }
+            ))
+            .ok(),
+            https,
         }
     }
 }
@@ -587,7 +718,9 @@ fn prepare_request(req: &mut Request<Incoming>, forwarding: &Forwarding, upgrade
         headers.insert(xff_name, v);
     }
     let proto = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&proto) {
+    if forwarding.https {
+        headers.insert(proto, HeaderValue::from_static("https"));
+    } else if !headers.contains_key(&proto) {
         headers.insert(proto, HeaderValue::from_static("http"));
     }
     if let Some(v) = forwarding.forwarded.clone() {

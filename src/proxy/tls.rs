@@ -1,0 +1,96 @@
+//! TLS listeners: the handshake, then the listener's mode on the
+//! decrypted stream, and the relay of a decrypted stream to a backend
+//! (tcp mode, and WebSocket tunnels over TLS).
+//!
+//! A TLS connection's session keys live in this process, so a live
+//! upgrade does not hand it over: it finishes here (within the old
+//! process's `shutdown_timeout`) while the new process serves everything
+//! else. An HTTP connection ends after the request in progress, as at a
+//! graceful stop; a tcp-mode stream runs on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::prefixed::Prefixed;
+use super::queue::Open;
+use super::stream::Stream;
+use super::{ConnContext, Route, http, tcp};
+use crate::config::Mode;
+use crate::tls::{Handshake, handshake};
+
+/// Serve one accepted connection of a TLS listener: handshake (counted;
+/// failures summed up in the log), then its mode.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: Arc<ArcSwap<Route>>,
+    ctx: ConnContext,
+    open: Open,
+) {
+    let started = Instant::now();
+    let (config, shared, mode, name) = {
+        let r = route.load();
+        let Some(tls) = &r.settings.tls else { return };
+        (
+            tls.config.clone(),
+            r.shared.clone(),
+            r.settings.mode,
+            r.settings.name.clone(),
+        )
+    };
+    let done = tokio::select! {
+        biased;
+        () = ctx.abort.tripped() => return,
+        h = handshake(config, stream) => h,
+    };
+    let tls = match done {
+        Handshake::Done(tls) => tls,
+        Handshake::Silent => return,
+        Handshake::Failed(error) => {
+            shared.metrics.tls_failure.inc();
+            debug!(error, "TLS handshake failed");
+            if let Some((count, last)) = shared.tls_failures.note(error) {
+                info!(listener = %name, failed = count, last_error = %last,
+                    "TLS handshakes failed (summed up at most once a minute)");
+            }
+            return;
+        }
+    };
+    shared.metrics.tls_success.inc();
+    drop(shared);
+    match mode {
+        Mode::Http => {
+            let client = http::Client::Tls(Prefixed::new(tls, Bytes::new()));
+            http::serve(client, peer, route, ctx, open, started).await;
+        }
+        Mode::Tcp => {
+            let route = route.load_full();
+            let local = || tls.get_ref().0.local_addr().ok();
+            let abort = ctx.abort.clone();
+            let Some(placed) = tcp::reach_for(&route, peer, local, &abort).await else {
+                return;
+            };
+            let stream = Stream {
+                idle: route.settings.idle_timeout,
+                duration: route.shared.metrics.connection_duration.clone(),
+                started,
+                slot: placed.slot,
+                cut: placed.cut,
+                abort,
+                _open: open,
+            };
+            drop(route);
+            let end = stream
+                .relay(tls, placed.upstream, Bytes::new(), Bytes::new())
+                .await;
+            debug!(end, "connection ended");
+        }
+        Mode::Udp => unreachable!("a udp listener has no TLS"),
+    }
+}

@@ -1,0 +1,532 @@
+//! TLS termination with the real daemon: certificates made here with
+//! rcgen (a CA and leaves for given names), clients that trust only that
+//! CA (tokio-rustls), SNI selection, tcp-mode relay of the decrypted
+//! stream, HTTPS with lbCookie, config errors for bad files, reload of a
+//! certificate under an open stream, handshake failures counted.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard test CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        Ca {
+            issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// A leaf for `names`, valid from yesterday for `days` more days
+    /// (negative: already expired); its chain and key as PEM files in
+    /// `dir`, and its DER.
+    fn leaf(
+        &self,
+        dir: &Path,
+        file: &str,
+        names: &[&str],
+        days: i64,
+    ) -> (PathBuf, PathBuf, Vec<u8>) {
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(if days < 0 { 30 } else { 1 });
+        p.not_after = now + time::Duration::days(days);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let leaf = p.signed_by(&key, &self.issuer).unwrap();
+        let (cert, key_path) = (
+            dir.join(format!("{file}.pem")),
+            dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&cert, format!("{}{}", leaf.pem(), self.issuer.pem())).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert, key_path, leaf.der().to_vec())
+    }
+
+    fn client(&self, sni: bool) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.enable_sni = sni;
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A verified TLS connection to `addr` for `name`; the certificate the
+/// server presented.
+async fn connect(ca: &Ca, addr: SocketAddr, name: &str, sni: bool) -> (Tls, Vec<u8>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    let tls = within("TLS handshake", ca.client(sni).connect(name, tcp))
+        .await
+        .expect("handshake verifies against the test CA");
+    let presented: CertificateDer<'_> = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let der = presented.to_vec();
+    (tls, der)
+}
+
+fn tls_table(files: &[(PathBuf, PathBuf)]) -> String {
+    let mut s = String::from("[listener.tls]\ncertificates = [\n");
+    for (cert, key) in files {
+        s += &format!(
+            "  {{ cert = \"{}\", key = \"{}\" }},\n",
+            cert.display(),
+            key.display()
+        );
+    }
+    s + "]\n"
+}
+
+async fn read_line(tls: &mut Tls) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while within("a line", tls.read_exact(&mut byte)).await.is_ok() && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+async fn metric(admin: SocketAddr, needle: &str) -> Option<f64> {
+    let (_, body) = http(admin, "GET", "/metrics", &[], "").await;
+    body.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_each_certificate_and_the_stream_is_relayed_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (a_cert, a_key, a_der) = ca.leaf(dir.path(), "a", &["a.example.com"], 90);
+    let (w_cert, w_key, w_der) =
+        ca.leaf(dir.path(), "w", &["*.b.example.com", "b.example.com"], 30);
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}{}",
+        listener_toml("roundrobin", "", &[b("echo", echo.addr)]),
+        tls_table(&[(a_cert, a_key), (w_cert, w_key)])
+    );
+    let d = Daemon::start(&toml);
+    let (proxy, admin) = (d.addr("l"), d.admin.unwrap());
+
+    for (name, sni, expected) in [
+        ("a.example.com", true, &a_der),
+        ("x.b.example.com", true, &w_der),
+        ("b.example.com", true, &w_der),
+        // No SNI: the first certificate (verified for its name).
+        ("a.example.com", false, &a_der),
+    ] {
+        let (_tls, presented) = connect(&ca, proxy, name, sni).await;
+        assert!(
+            &presented == expected,
+            "{name} (sni {sni}) got the wrong certificate"
+        );
+    }
+    // A name no certificate has: the first one, which the client rejects.
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let wrong = ca
+        .client(true)
+        .connect(ServerName::try_from("a.b.c.example.com").unwrap(), tcp)
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a certificate for another name was accepted"
+    );
+
+    // The decrypted stream reaches the backend and back byte for byte,
+    // and the client's close reaches it as an end of stream.
+    let (mut tls, _) = connect(&ca, proxy, "a.example.com", true).await;
+    assert_eq!(read_line(&mut tls).await, "echo");
+    let payload: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        tx.write_all(&sent).await.unwrap();
+        tx.shutdown().await.unwrap(); // close_notify
+    });
+    let mut back = Vec::new();
+    within("the echo, then the end", rx.read_to_end(&mut back))
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    assert!(
+        back == payload,
+        "echo differs: {} of {} bytes",
+        back.len(),
+        payload.len()
+    );
+
+    // Counted and shown: 6 handshakes done, one rejected by the client
+    // (the server saw it fail); expiry per name; status names and dates.
+    let ok = metric(
+        admin,
+        "switchyard_tls_handshakes_total{listener=\"l\",result=\"success\"}",
+    )
+    .await;
+    assert_eq!(ok, Some(5.0));
+    let failed = metric(
+        admin,
+        "switchyard_tls_handshakes_total{listener=\"l\",result=\"failure\"}",
+    )
+    .await;
+    assert_eq!(failed, Some(1.0));
+    for name in ["a.example.com", "*.b.example.com", "b.example.com"] {
+        let expiry = metric(
+            admin,
+            &format!("switchyard_tls_certificate_expiry_timestamp_seconds{{listener=\"l\",name=\"{name}\"}}"),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no expiry series for {name}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let days = (expiry - now) / 86400.0;
+        let want = if name == "a.example.com" { 90.0 } else { 30.0 };
+        assert!(
+            (days - want).abs() < 1.0,
+            "{name}: expires in {days} days, not {want}"
+        );
+    }
+    let (_, body) = http(admin, "GET", "/api/v1/status", &[], "").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tls = &doc["listeners"][0]["tls"];
+    assert_eq!(tls["min_version"], "1.2");
+    assert_eq!(
+        tls["certificates"][0]["names"],
+        serde_json::json!(["a.example.com"])
+    );
+    assert_eq!(
+        tls["certificates"][1]["names"],
+        serde_json::json!(["*.b.example.com", "b.example.com"])
+    );
+    let not_after = tls["certificates"][0]["not_after"].as_str().unwrap();
+    assert!(
+        not_after.ends_with('Z') && not_after.len() == 20,
+        "{not_after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_keeps_lbcookie_stickiness_and_says_https_to_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(dir.path(), "www", &["www.example.com"], 30);
+    let (one, two) = (
+        HttpBackend::start("one").await,
+        HttpBackend::start("two").await,
+    );
+    let toml = format!(
+        "{}{}[listener.sticky]\nmethod = \"lbcookie\"\ncookie = \"SERVERID\"\n",
+        listener_toml(
+            "roundrobin",
+            "mode = \"http\"",
+            &[b("one", one.addr), b("two", two.addr)]
+        ),
+        tls_table(&[(cert, key)])
+    );
+    let d = Daemon::start(&toml);
+    let proxy = d.addr("l");
+
+    async fn get(tls: &mut Tls, cookie: Option<&str>) -> String {
+        let cookie = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+        let req = format!(
+            "GET /x HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-Proto: http\r\n{cookie}\r\n"
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        // Headers, then a Content-Length body.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            within("response head", tls.read_exact(&mut b))
+                .await
+                .unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).await.unwrap();
+        head
+    }
+    let header = |head: &str, name: &str| -> String {
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                k.eq_ignore_ascii_case(name).then(|| v.to_owned())
+            })
+            .unwrap_or_default()
+    };
+
+    // Keep-alive over one TLS connection: round robin per request.
+    let (mut tls, _) = connect(&ca, proxy, "www.example.com", true).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        None,
+        "no ALPN offered, none chosen"
+    );
+    let first = get(&mut tls, None).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(
+        header(&first, "x-seen-xfp"),
+        "https",
+        "the client's claim is replaced"
+    );
+    assert!(
+        header(&first, "x-seen-forwarded").ends_with(";proto=https"),
+        "{first}"
+    );
+    let set_cookie = header(&first, "set-cookie");
+    let pinned_to = header(&first, "x-backend");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("SERVERID="), "{set_cookie}");
+    // The cookie holds on new TLS connections and for every request.
+    for _ in 0..6 {
+        let (mut tls, _) = connect(&ca, proxy, "www.example.com", true).await;
+        let r = get(&mut tls, Some(&cookie)).await;
+        assert_eq!(header(&r, "x-backend"), pinned_to);
+        assert_eq!(header(&r, "x-seen-cookie"), "", "our cookie is stripped");
+    }
+    let r = get(&mut tls, None).await;
+    assert_ne!(
+        header(&r, "x-backend"),
+        pinned_to,
+        "without the cookie, round robin"
+    );
+}
+
+fn check(config: &Path) -> (bool, String) {
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_certificate_files_are_config_errors_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(dir.path(), "ok", &["ok.example.com"], 30);
+    let (old_cert, old_key, _) = ca.leaf(dir.path(), "old", &["old.example.com"], -2);
+    let (_, other_key, _) = ca.leaf(dir.path(), "other", &["other.example.com"], 30);
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64 !!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.pem");
+    let base = listener_toml("roundrobin", "", &[b("x", "127.0.0.1:9".parse().unwrap())]);
+    let config = dir.path().join("switchyard.toml");
+    for (files, field, says) in [
+        ((missing.clone(), key.clone()), "cert", "cannot read"),
+        ((cert.clone(), missing.clone()), "key", "cannot read"),
+        ((garbage.clone(), key.clone()), "cert", "not PEM"),
+        ((cert.clone(), cert.clone()), "key", "no private key"),
+        (
+            (cert.clone(), other_key.clone()),
+            "key",
+            "does not match the certificate",
+        ),
+        ((old_cert.clone(), old_key.clone()), "cert", "expired at"),
+    ] {
+        let text = format!("{base}{}", tls_table(&[files]));
+        std::fs::write(&config, &text).unwrap();
+        let (ok, stderr) = check(&config);
+        assert!(!ok, "accepted: {field} {says}");
+        // The line of the `certificates` entry.
+        let line = 1 + text.lines().position(|l| l.contains("{ cert")).unwrap();
+        let at = format!("switchyard.toml:{line}:");
+        assert!(stderr.contains(&at), "no line {line}: {stderr}");
+        assert!(
+            stderr.contains(&format!("listener[0].tls.certificates[0].{field}: ")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    std::fs::write(
+        &config,
+        format!("{base}[listener.tls]\ncertificates = []\n"),
+    )
+    .unwrap();
+    let (ok, stderr) = check(&config);
+    assert!(
+        !ok && stderr.contains("listener[0].tls.certificates: needs at least one"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        format!("{base}{}", tls_table(&[(cert.clone(), key.clone())]))
+            .replace("name = \"l\"", "name = \"l\"\nmode = \"udp\""),
+    )
+    .unwrap();
+    let (ok, stderr) = check(&config);
+    assert!(
+        !ok && stderr.contains("listener[0].tls: does not apply"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_certificate_for_new_handshakes_and_keeps_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, first_der) = ca.leaf(dir.path(), "site", &["site.example.com"], 30);
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "{}{}",
+        listener_toml("roundrobin", "", &[b("echo", echo.addr)]),
+        tls_table(&[(cert.clone(), key.clone())])
+    );
+    let mut d = Daemon::start(&toml);
+    let proxy = d.addr("l");
+    let (mut open, presented) = connect(&ca, proxy, "site.example.com", true).await;
+    assert_eq!(presented, first_der);
+    assert_eq!(read_line(&mut open).await, "echo");
+
+    // A bad key at the same path: the reload fails, nothing changes.
+    let saved_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    assert!(!d.reload(), "a reload with a bad key succeeded");
+    let (_, presented) = connect(&ca, proxy, "site.example.com", true).await;
+    assert_eq!(
+        presented, first_der,
+        "a failed reload changed the certificate"
+    );
+    std::fs::write(&key, saved_key).unwrap();
+
+    // Renewed in place: new handshakes get the new one.
+    let (_, _, renewed_der) = ca.leaf(dir.path(), "site", &["site.example.com"], 60);
+    assert!(d.reload(), "the reload with the renewed certificate failed");
+    let (_, presented) = connect(&ca, proxy, "site.example.com", true).await;
+    assert_eq!(
+        presented, renewed_der,
+        "new handshakes still get the old certificate"
+    );
+
+    // The stream opened before both reloads is untouched.
+    for round in 0..20u8 {
+        let msg = [round; 1000];
+        open.write_all(&msg).await.unwrap();
+        let mut back = [0u8; 1000];
+        within("echo after the reloads", open.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_garbage_handshakes_are_closed_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(dir.path(), "site", &["site.example.com"], 30);
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}{}",
+        listener_toml("roundrobin", "", &[b("echo", echo.addr)]),
+        tls_table(&[(cert, key)])
+    );
+    let d = Daemon::start(&toml);
+    let (proxy, admin) = (d.addr("l"), d.admin.unwrap());
+    let failures = "switchyard_tls_handshakes_total{listener=\"l\",result=\"failure\"}";
+
+    // Closed before a ClientHello: a port check, not a failed handshake.
+    for _ in 0..5 {
+        drop(TcpStream::connect(proxy).await.unwrap());
+    }
+    // Garbage instead of a ClientHello: closed and counted, each.
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = within("closed after garbage", s.read_to_end(&mut rest)).await;
+    }
+    // Normal clients are served meanwhile and after.
+    let (mut tls, _) = connect(&ca, proxy, "site.example.com", true).await;
+    assert_eq!(read_line(&mut tls).await, "echo");
+    let start = std::time::Instant::now();
+    while metric(admin, failures).await != Some(200.0) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "failures: {:?}",
+            metric(admin, failures).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A client that connects and never says anything is closed at 10 s.
+    let mut silent = TcpStream::connect(proxy).await.unwrap();
+    silent.write_all(&[0x16]).await.unwrap(); // the first byte of a record, then nothing
+    let opened = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        silent.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed within 30 s");
+    let waited = opened.elapsed();
+    drop(read); // an end of stream or a reset: either way, closed
+    assert!(
+        waited >= std::time::Duration::from_secs(9),
+        "closed after only {waited:?}"
+    );
+    let start = std::time::Instant::now();
+    while metric(admin, failures).await != Some(201.0) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the silent client was not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ok = metric(
+        admin,
+        "switchyard_tls_handshakes_total{listener=\"l\",result=\"success\"}",
+    )
+    .await;
+    assert_eq!(ok, Some(1.0));
+}
