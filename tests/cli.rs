@@ -184,18 +184,13 @@ async fn status_and_state_commands_drive_the_running_daemon() {
     std::fs::write(&config, admin_table(&admin.to_string())).unwrap();
     let config = config.to_str().unwrap();
 
-    let start = std::time::Instant::now();
-    let (code, table, stderr) = loop {
+    let (code, table, stderr) = eventually_some("dead shown down", || async {
         let (code, table, stderr) = cli(&["status", "--admin", &url]);
-        if table.contains("(connection refused)") {
-            break (code, table, stderr);
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "dead never shown down:\n{table}{stderr}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+        table
+            .contains("(connection refused)")
+            .then_some((code, table, stderr))
+    })
+    .await;
     assert_eq!(code, Some(0), "one usable backend: {stderr}");
     assert!(
         !table.contains('\x1b'),

@@ -9,7 +9,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -84,22 +83,6 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
     )
     .await
     .expect("ChromeDriver starts Chromium")
-}
-
-/// Poll the page until `probe` returns `Some`, failing after `DEADLINE`.
-async fn page_until<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn text(c: &Client, css: &str) -> Option<String> {
@@ -183,7 +166,7 @@ async fn status_page_shows_health_and_drains_with_a_token_in_chromium() {
     // Both backends up, with the traffic counted.
     for name in ["web1", "web2"] {
         let row = format!("tr[data-backend=\"{name}\"]");
-        page_until(&format!("{name} shown up"), || async {
+        eventually_some(&format!("{name} shown up"), || async {
             (text(&c, &format!("{row} td.health")).await? == "up").then_some(())
         })
         .await;
@@ -199,7 +182,7 @@ async fn status_page_shows_health_and_drains_with_a_token_in_chromium() {
     // The server behind web2 stops: its row turns down, with the reason,
     // and stands out.
     web2.stop();
-    let health = page_until("web2 shown down", || async {
+    let health = eventually_some("web2 shown down", || async {
         let t = text(&c, "tr[data-backend=\"web2\"] td.health").await?;
         t.starts_with("down").then_some(t)
     })
@@ -224,21 +207,21 @@ async fn status_page_shows_health_and_drains_with_a_token_in_chromium() {
 
     // A wrong token is refused by the daemon and forgotten by the page.
     enter_token(&c, "not-the-token").await;
-    page_until("buttons after a token", || async {
+    eventually_some("buttons after a token", || async {
         displayed(&c, "tr[data-backend=\"web1\"] button[data-state=\"maint\"]")
             .await
             .then_some(())
     })
     .await;
     click(&c, "tr[data-backend=\"web1\"] button[data-state=\"maint\"]").await;
-    let notice = page_until("the refusal shown", || async {
+    let notice = eventually_some("the refusal shown", || async {
         let t = text(&c, "#notice").await?;
         t.contains("refused").then_some(t)
     })
     .await;
     assert!(notice.contains("token"), "{notice}");
     assert_eq!(admin_state(admin, "web1").await, "ready");
-    page_until("read-only again", || async {
+    eventually_some("read-only again", || async {
         (!displayed(&c, "tr[data-backend=\"web1\"] button[data-state=\"drain\"]").await)
             .then_some(())
     })
@@ -246,18 +229,18 @@ async fn status_page_shows_health_and_drains_with_a_token_in_chromium() {
 
     // The right token: drain web1 with a click; the API says so.
     enter_token(&c, TOKEN).await;
-    page_until("buttons after the right token", || async {
+    eventually_some("buttons after the right token", || async {
         displayed(&c, "tr[data-backend=\"web1\"] button[data-state=\"drain\"]")
             .await
             .then_some(())
     })
     .await;
     click(&c, "tr[data-backend=\"web1\"] button[data-state=\"drain\"]").await;
-    page_until("web1 drained (status API)", || async {
+    eventually_some("web1 drained (status API)", || async {
         (admin_state(admin, "web1").await == "drain").then_some(())
     })
     .await;
-    page_until("web1 shown drained", || async {
+    eventually_some("web1 shown drained", || async {
         (text(&c, "tr[data-backend=\"web1\"] td.admin").await? == "drain").then_some(())
     })
     .await;

@@ -36,6 +36,19 @@ pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// [`eventually`] for a probe that answers `Some` once the condition
+/// holds and `None` before.
+pub async fn eventually_some<T, Fut: Future<Output = Option<T>>>(
+    what: &str,
+    mut probe: impl FnMut() -> Fut,
+) -> T {
+    eventually(what, || {
+        let answer = probe();
+        async move { answer.await.ok_or_else(|| "not yet".to_owned()) }
+    })
+    .await
+}
+
 /// Run `fut` or fail the test after `DEADLINE`.
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, fut)
