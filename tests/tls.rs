@@ -489,9 +489,11 @@ async fn silent_and_garbage_handshakes_are_closed_and_counted() {
     let (mut tls, _) = connect(&ca, proxy, "site.example.com", true).await;
     assert_eq!(read_line(&mut tls).await, "echo");
     eventually("200 failed handshakes counted", || async {
-        match metric(admin, failures).await {
-            Some(v) if v == 200.0 => Ok(()),
-            other => Err(format!("{other:?}")),
+        let seen = metric(admin, failures).await;
+        if seen == Some(200.0) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
         }
     })
     .await;
@@ -514,9 +516,11 @@ async fn silent_and_garbage_handshakes_are_closed_and_counted() {
         "closed after only {waited:?}"
     );
     eventually("201 failed handshakes counted", || async {
-        match metric(admin, failures).await {
-            Some(v) if v == 201.0 => Ok(()),
-            other => Err(format!("{other:?}")),
+        let seen = metric(admin, failures).await;
+        if seen == Some(201.0) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
         }
     })
     .await;
