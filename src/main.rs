@@ -186,15 +186,9 @@ fn main() -> ExitCode {
 
 /// Run a `status` or `state` exchange on a small runtime of its own.
 fn control(work: impl std::future::Future<Output = Result<ExitCode, ControlError>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(work) {
         Ok(code) => code,
@@ -263,15 +257,9 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(options: RunOptions) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(daemon::run(options)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -280,6 +268,15 @@ fn run(options: RunOptions) -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// A runtime from `builder` with I/O and timers, or exit code 2 (a
+/// runtime failure) with the reason on stderr.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start runtime: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn init_logging(format: LogFormat) {
