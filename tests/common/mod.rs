@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod tls;
+
 use http_body_util::BodyExt;
 use switchyard::config;
 use switchyard::config::Role;
