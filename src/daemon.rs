@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{AdminContext, AdminServer};
 use crate::config::{self, ConfigError};
@@ -86,7 +87,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let config = config::load_file(&options.config)?;
     let mut watcher = match options.watch {
         true => Some(
-            ConfigWatcher::new(&options.config).map_err(|source| RunError::Watch {
+            ConfigWatcher::new(&config.files()).map_err(|source| RunError::Watch {
                 path: options.config.clone(),
                 source,
             })?,
@@ -136,8 +137,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         tokio::select! {
             _ = sigterm.recv() => { info!(signal = "SIGTERM", "stopping"); break }
             _ = sigint.recv() => { info!(signal = "SIGINT", "stopping"); break }
-            _ = sighup.recv() => { daemon.reload("SIGHUP").await; }
-            () = file_changed => { daemon.reload("file change").await; }
+            _ = sighup.recv() => { daemon.reload(Trigger::Signal, &mut watcher).await; }
+            () = file_changed => { daemon.reload(Trigger::FileChange, &mut watcher).await; }
             _ = sigusr2.recv() => match upgrading {
                 Some(_) => warn!("SIGUSR2 during a live upgrade: ignored"),
                 None => match Upgrade::start() {
@@ -276,10 +277,19 @@ impl Daemon {
         error!(reason, "live upgrade failed; this process keeps serving");
     }
 
-    /// Reload and count the result.
-    async fn reload(&mut self, trigger: &str) -> bool {
+    /// Reload and count the result; the watcher, if any, then watches the
+    /// files of the configuration that runs.
+    async fn reload(&mut self, trigger: Trigger, watcher: &mut Option<ConfigWatcher>) -> bool {
         service::reloading();
-        let outcome = self.try_reload(trigger).await;
+        let settle = match trigger {
+            Trigger::Signal => None,
+            Trigger::FileChange => watcher.as_mut(),
+        };
+        info!(trigger = trigger.name(), "reloading configuration");
+        let outcome = match self.load(settle).await {
+            Ok(config) => self.apply(config).await,
+            Err(e) => Err(e.into()),
+        };
         // Counted before the outcome is logged: whoever reads the log line
         // and then scrapes sees the count that goes with it.
         self.server.metrics().record_reload(outcome.is_ok());
@@ -287,17 +297,46 @@ impl Daemon {
             Ok(changes) => info!(changes, "configuration reloaded"),
             Err(e) => error!(error = %e, "reload failed; the running configuration stays"),
         }
+        if let Some(w) = watcher {
+            w.set_files(&self.server.config().files());
+        }
         // Serving either way: the new config, or the old one kept.
         service::ready();
         outcome.is_ok()
     }
 
-    /// Load, validate and apply the file; on any error the running config
-    /// stays. A moved admin endpoint is bound before anything changes.
-    /// Returns how many changes were applied.
-    async fn try_reload(&mut self, trigger: &str) -> Result<usize, RunError> {
-        info!(trigger, "reloading configuration");
-        let config = load_off_thread(&self.path).await?;
+    /// Load and validate the file. After a change `--watch` saw (`settle`
+    /// is its watcher), a certificate or key that does not load is most
+    /// often a renewal caught between its two writes (the key is new, the
+    /// certificate not yet): the load is tried again at each further change
+    /// for up to [`SETTLE`] before it counts as a failure.
+    async fn load(
+        &self,
+        mut settle: Option<&mut ConfigWatcher>,
+    ) -> Result<config::Config, ConfigError> {
+        let settled = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let loaded = load_off_thread(&self.path).await;
+            let Some(w) = settle.as_deref_mut() else {
+                return loaded;
+            };
+            match loaded {
+                Err(e) if e.is_certificate_file() => {
+                    debug!(error = %e, "a certificate or key does not load yet; waiting for the next change");
+                    tokio::select! {
+                        () = w.changed() => continue,
+                        () = tokio::time::sleep_until(settled) => return Err(e),
+                    }
+                }
+                loaded => return loaded,
+            }
+        }
+    }
+
+    /// Apply a loaded config; on any error the running one stays. A moved
+    /// admin endpoint is bound before anything changes. Returns how many
+    /// changes were applied.
+    async fn apply(&mut self, config: config::Config) -> Result<usize, RunError> {
         let old_bind = self.server.config().admin.as_ref().map(|a| a.bind);
         let new_admin = match &config.admin {
             Some(a) if Some(a.bind) != old_bind => Some(start_admin(a.bind, &self.admin_ctx)?),
@@ -328,6 +367,26 @@ impl Daemon {
         }
     }
 }
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    Signal,
+    FileChange,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file change",
+        }
+    }
+}
+
+/// How long `--watch` waits for a certificate caught half-renewed to be
+/// completed before the reload counts as failed.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// Loading resolves host names: keep that off the serving threads.
 async fn load_off_thread(path: &Path) -> Result<config::Config, ConfigError> {

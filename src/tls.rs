@@ -76,6 +76,8 @@ pub struct Terminator {
     pub min_version: MinVersion,
     pub certificates: Arc<[Certificate]>,
     pub config: Arc<ServerConfig>,
+    /// Where the certificates were read from (`--watch` watches them).
+    pub files: Vec<CertFiles>,
     /// The files and their contents as loaded: two terminators are the
     /// same when these are (a reload keeps an unchanged one).
     fingerprint: [u8; 32],
@@ -126,6 +128,10 @@ impl Terminator {
         let mut certificates = Vec::with_capacity(files.len());
         for (i, f) in files.iter().enumerate() {
             let (cert, bytes) = load_one(f, &provider).map_err(|e| (i, e))?;
+            fingerprint.update(f.cert.as_os_str().as_encoded_bytes());
+            fingerprint.update([0]);
+            fingerprint.update(f.key.as_os_str().as_encoded_bytes());
+            fingerprint.update([0]);
             fingerprint.update(bytes);
             certificates.push(cert);
         }
@@ -157,6 +163,7 @@ impl Terminator {
             min_version,
             certificates,
             config: Arc::new(config),
+            files: files.to_vec(),
             fingerprint: fingerprint.finalize().into(),
         })
     }

@@ -367,6 +367,81 @@ async fn reload_swaps_the_certificate_for_new_handshakes_and_keeps_open_streams(
     }
 }
 
+/// Point the symlink `link` at `target` in one step, as certbot renews
+/// `live/` (a new link renamed over the old one).
+fn swap_link(link: &Path, target: &Path) {
+    let tmp = link.with_extension("new");
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_a_renewed_certificate_behind_a_symlink() {
+    // certbot's layout: live/ holds symlinks into archive/, and a renewal
+    // writes new files into archive/ and swaps the links.
+    let dir = tempfile::tempdir().unwrap();
+    let (live, archive) = (dir.path().join("live"), dir.path().join("archive"));
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::create_dir_all(&archive).unwrap();
+    let ca = Ca::new();
+    let (cert1, key1, first_der) = ca.leaf(&archive, "site1", &["site.example.com"], 30);
+    let (cert, key) = (live.join("fullchain.pem"), live.join("privkey.pem"));
+    swap_link(&cert, &cert1);
+    swap_link(&key, &key1);
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}{}",
+        listener_toml("roundrobin", "", &[b("echo", echo.addr)]),
+        tls_table(&[(cert.clone(), key.clone())])
+    );
+    let mut d = Daemon::start_env(&toml, &["--watch"], &[("RUST_LOG", "switchyard=debug")]);
+    let (proxy, admin) = (d.addr("l"), d.admin.unwrap());
+    let (mut open, presented) = connect(&ca, proxy, "site.example.com", true).await;
+    assert_eq!(presented, first_der);
+    assert_eq!(read_line(&mut open).await, "echo");
+
+    // Renewed: new files in archive/, then the links swapped, the key
+    // first; no SIGHUP. The daemon sees the new key with the old
+    // certificate (they do not match) and waits for the next change
+    // instead of failing the reload.
+    let (cert2, key2, renewed_der) = ca.leaf(&archive, "site2", &["site.example.com"], 90);
+    swap_link(&key, &key2);
+    d.log_until(|l| l.contains("does not load yet"));
+    swap_link(&cert, &cert2);
+    eventually(
+        "a new handshake presents the renewed certificate",
+        || async {
+            let (_, presented) = connect(&ca, proxy, "site.example.com", true).await;
+            match presented == renewed_der {
+                true => Ok(()),
+                false => Err("the old certificate".to_owned()),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(admin, "switchyard_config_reloads_total{result=\"failure\"}").await,
+        Some(0.0),
+        "the half-renewed moment counted as a failed reload"
+    );
+    let reloads = metric(admin, "switchyard_config_reloads_total{result=\"success\"}").await;
+    assert!(
+        reloads.is_some_and(|n| n >= 1.0),
+        "no reload was counted: {reloads:?}"
+    );
+
+    // The connection made before the renewal still streams.
+    for round in 0..10u8 {
+        let msg = [round; 4096];
+        open.write_all(&msg).await.unwrap();
+        let mut back = [0u8; 4096];
+        within("echo after the renewal", open.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_garbage_handshakes_are_closed_and_counted() {
     let dir = tempfile::tempdir().unwrap();

@@ -468,6 +468,14 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// Whether this is about a listener's certificate or key file (which
+    /// a renewal may be rewriting right now), not about the config itself.
+    pub fn is_certificate_file(&self) -> bool {
+        matches!(self, ConfigError::Invalid { field, .. } if field.contains(".tls.certificates["))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------
@@ -522,6 +530,19 @@ pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
 }
 
 impl Config {
+    /// Every file this configuration was read from: the config itself
+    /// and each listener's certificates and keys (`--watch` watches
+    /// these).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.source.clone()];
+        for tls in self.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+            for f in &tls.files {
+                files.extend([f.cert.clone(), f.key.clone()]);
+            }
+        }
+        files
+    }
+
     /// A one-screen summary, printed by `switchyard check`.
     pub fn summary(&self) -> String {
         use fmt::Write;
