@@ -28,6 +28,8 @@ const METRICS: &[(&str, bool)] = &[
         "switchyard_config_last_reload_success_timestamp_seconds",
         false,
     ),
+    ("switchyard_tls_handshakes_total", false),
+    ("switchyard_tls_certificate_expiry_timestamp_seconds", false),
 ];
 
 fn deploy(file: &str) -> PathBuf {
