@@ -3,7 +3,7 @@
 //! package `prometheus`, which `scripts/test.sh` installs) and the Grafana
 //! dashboard (checked against the metric names the daemon exposes).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +12,8 @@ use serde_json::Value;
 
 /// Every metric the daemon exposes at `GET /metrics` (SPEC.md, "Metrics"),
 /// and whether it is a histogram (exposed as `_bucket`, `_sum`, `_count`).
+/// Checked against `src/metrics.rs` by
+/// `metrics_list_matches_the_names_the_daemon_defines`.
 const METRICS: &[(&str, bool)] = &[
     ("switchyard_connections_total", false),
     ("switchyard_active_connections", false),
@@ -28,6 +30,10 @@ const METRICS: &[(&str, bool)] = &[
         "switchyard_config_last_reload_success_timestamp_seconds",
         false,
     ),
+    ("switchyard_accept_paused_total", false),
+    ("switchyard_dns_lookups_total", false),
+    ("switchyard_udp_datagrams_total", false),
+    ("switchyard_upgrades_total", false),
     ("switchyard_tls_handshakes_total", false),
     ("switchyard_tls_certificate_expiry_timestamp_seconds", false),
 ];
@@ -94,6 +100,81 @@ fn scrape_config_is_valid_and_loads_the_alerts() {
     // own directory, as Prometheus resolves it.
     let out = promtool(&["check", "config"], "prometheus/prometheus.yml");
     assert!(out.contains("alerts.yml"), "alerts.yml not checked:\n{out}");
+}
+
+/// The metrics `src/metrics.rs` defines: every string constant of its
+/// `names` module, and whether it is registered with `histogram(...)`.
+fn defined_metrics() -> BTreeMap<String, bool> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs");
+    let source =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let start = source
+        .find("pub mod names {")
+        .expect("src/metrics.rs has no `pub mod names {`");
+    let body = &source[start..];
+    let body = &body[..body.find("\n}").expect("`mod names` does not end")];
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut consts = BTreeMap::new();
+    for item in body.split("pub const ").skip(1) {
+        let (name, rest) = item.split_once(':').expect("`pub const NAME: &str = ...`");
+        let value = rest
+            .split('"')
+            .nth(1)
+            .unwrap_or_else(|| panic!("names::{name} is not a string literal"));
+        assert!(
+            value.starts_with("switchyard_"),
+            "names::{name} = {value:?} lacks the switchyard_ prefix"
+        );
+        consts.insert(name.trim(), value);
+    }
+    assert!(consts.len() >= 10, "only {} names found", consts.len());
+    // `histogram(NAME, ...)` in `Metrics::new`: any other text that happens
+    // to read `histogram(` is not followed by a name of the module.
+    let histograms: HashSet<&str> = source
+        .match_indices("histogram(")
+        .filter_map(|(at, call)| {
+            let rest = source[at + call.len()..].trim_start();
+            consts.get(&rest[..rest.find(|c| !ident(c)).unwrap_or(rest.len())])
+        })
+        .copied()
+        .collect();
+    assert!(!histograms.is_empty(), "no histogram(NAME, ...) found");
+    consts
+        .values()
+        .map(|&name| (name.to_owned(), histograms.contains(name)))
+        .collect()
+}
+
+#[test]
+fn metrics_list_matches_the_names_the_daemon_defines() {
+    let defined = defined_metrics();
+    let mut listed = BTreeMap::new();
+    for &(metric, histogram) in METRICS {
+        assert!(
+            listed.insert(metric.to_owned(), histogram).is_none(),
+            "{metric} is listed twice in METRICS"
+        );
+    }
+    let mut errors = Vec::new();
+    for (metric, histogram) in &defined {
+        match listed.get(metric) {
+            None => errors.push(format!(
+                "{metric} is defined in src/metrics.rs but missing from METRICS \
+                 (add it, and a dashboard panel for it)"
+            )),
+            Some(listed) if listed != histogram => errors.push(format!(
+                "{metric}: METRICS says histogram = {listed}, src/metrics.rs registers \
+                 histogram = {histogram}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for metric in listed.keys().filter(|m| !defined.contains_key(*m)) {
+        errors.push(format!(
+            "{metric} is in METRICS but src/metrics.rs (`names`) does not define it"
+        ));
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
 /// The metric a name in a query refers to: itself, or for a histogram's
@@ -211,6 +292,25 @@ fn dashboard_is_valid_and_covers_every_metric() {
 
     let panels = panels(&dashboard);
     assert!(panels.len() >= 11, "only {} panels", panels.len());
+    let mut cells = HashMap::new();
+    for panel in &panels {
+        let title = panel["title"].as_str().unwrap_or("(untitled)");
+        let pos = &panel["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| {
+            pos[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("panel {title:?}: gridPos.{k} missing"))
+        });
+        assert!(
+            x + w <= 24 && w > 0 && h > 0,
+            "panel {title:?}: gridPos {pos}"
+        );
+        for cell in (x..x + w).flat_map(|x| (y..y + h).map(move |y| (x, y))) {
+            if let Some(other) = cells.insert(cell, title) {
+                panic!("panels {other:?} and {title:?} overlap at {cell:?}");
+            }
+        }
+    }
     let mut ids = HashSet::new();
     let mut used = BTreeSet::new();
     let mut errors = Vec::new();
