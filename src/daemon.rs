@@ -229,7 +229,7 @@ async fn take_over(
         }
         (Some(bind), _) => Some(start_admin(bind, admin_ctx)?),
     };
-    takeover.main_pid_sent().await;
+    takeover.main_pid_sent(server).await;
     Ok(admin)
 }
 

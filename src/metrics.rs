@@ -161,6 +161,30 @@ pub struct HistogramValue {
     pub buckets: Vec<u64>,
 }
 
+impl HistogramValue {
+    fn add(&mut self, other: &HistogramValue) {
+        if self.buckets.len() != other.buckets.len() {
+            return;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        for (b, o) in self.buckets.iter_mut().zip(&other.buckets) {
+            *b += o;
+        }
+    }
+
+    fn subtract(&mut self, base: &HistogramValue) {
+        if self.buckets.len() != base.buckets.len() {
+            return;
+        }
+        self.count = self.count.saturating_sub(base.count);
+        self.sum -= base.sum;
+        for (b, o) in self.buckets.iter_mut().zip(&base.buckets) {
+            *b = b.saturating_sub(*o);
+        }
+    }
+}
+
 const LB: &[&str] = &["listener", "backend"];
 
 impl Metrics {
@@ -380,10 +404,41 @@ impl Metrics {
         out
     }
 
+    /// What was counted between `base` (an earlier [`snapshot`](Self::snapshot))
+    /// and now: after a live upgrade, what the connections that stayed in
+    /// the old process counted once the first snapshot had gone.
+    pub fn since(&self, base: &[Carried]) -> Vec<Carried> {
+        type Series<'a> = (&'a str, &'a [(String, String)]);
+        let base: HashMap<Series<'_>, &CarriedValue> = base
+            .iter()
+            .map(|c| ((c.family.as_str(), c.labels.as_slice()), &c.value))
+            .collect();
+        let mut out = self.snapshot();
+        out.retain_mut(|c| {
+            let before = base.get(&(c.family.as_str(), c.labels.as_slice()));
+            match (&mut c.value, before) {
+                (CarriedValue::Counter(v), Some(CarriedValue::Counter(b))) => {
+                    *v = v.saturating_sub(*b);
+                    *v > 0
+                }
+                (CarriedValue::Counter(v), _) => *v > 0,
+                (CarriedValue::Histogram(h), Some(CarriedValue::Histogram(b))) => {
+                    h.subtract(b);
+                    h.count > 0
+                }
+                (CarriedValue::Histogram(h), _) => h.count > 0,
+                // Gauges are state, not counts: the first snapshot had them.
+                (CarriedValue::Gauge(_), _) => false,
+            }
+        });
+        out
+    }
+
     /// Go on from the values another process counted (live upgrade): each
     /// counter series `keep` accepts (by its labels) is raised by its
     /// carried value, each histogram series reads with its carried value
-    /// added. Applied once, before the first scrape.
+    /// added. Applied before the first scrape, and once more for what the
+    /// old process's remaining connections counted afterwards.
     pub fn carry(&self, series: Vec<Carried>, keep: impl Fn(&[(String, String)]) -> bool) {
         use prometheus::core::Collector;
         let counters: [&IntCounterVec; 12] = [
@@ -416,9 +471,12 @@ impl Metrics {
                         c.inc_by(v);
                     }
                 }
-                CarriedValue::Histogram(h) => {
-                    carried.insert((s.family, s.labels), h);
-                }
+                CarriedValue::Histogram(h) => match carried.entry((s.family, s.labels)) {
+                    hashbrown::hash_map::Entry::Occupied(mut e) => e.get_mut().add(&h),
+                    hashbrown::hash_map::Entry::Vacant(e) => {
+                        e.insert(h);
+                    }
+                },
                 CarriedValue::Gauge(v) => {
                     if s.family == names::CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP_SECONDS {
                         self.last_reload_success.set(v);
@@ -947,5 +1005,41 @@ mod tests {
         assert!(
             t.contains(r#"switchyard_rejected_connections_total{listener="web",reason="acl"} 0"#)
         );
+    }
+
+    /// A live upgrade carries a snapshot, then what the old process's
+    /// remaining connections counted after it: the new process ends up
+    /// with exactly what was counted in both, histograms included.
+    #[test]
+    fn a_snapshot_and_what_was_counted_since_add_up() {
+        let old = Metrics::new();
+        let lm = old.listener("web");
+        lm.reject(Reject::Acl);
+        lm.connection_duration.observe(0.5);
+        let base = old.snapshot();
+        lm.reject(Reject::Acl);
+        lm.reject(Reject::Acl);
+        lm.connection_duration.observe(2.0);
+        let since = old.since(&base);
+        assert!(
+            since
+                .iter()
+                .all(|c| !matches!(c.value, CarriedValue::Gauge(_))),
+            "{since:?}"
+        );
+
+        let new = Metrics::new();
+        let _ = new.listener("web");
+        new.carry(base, |_| true);
+        new.carry(since, |_| true);
+        let (t, want) = (text(&new), text(&old));
+        for line in [
+            r#"switchyard_rejected_connections_total{listener="web",reason="acl"} 3"#,
+            r#"switchyard_connection_duration_seconds_count{listener="web"} 2"#,
+            r#"switchyard_connection_duration_seconds_sum{listener="web"} 2.5"#,
+        ] {
+            assert!(want.contains(line), "the old process: {want}");
+            assert!(t.contains(line), "{line} missing: {t}");
+        }
     }
 }

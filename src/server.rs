@@ -485,19 +485,18 @@ impl Server {
         }
         self.directory.store(Arc::default());
         self.ctx.draining.trip();
-        let tracker = self.ctx.tracker.clone();
-        tracker.close();
-        let open = tracker.len();
+        let ctx = self.ctx.clone();
+        let open = ctx.open();
         if open > 0 {
             info!(open, grace = ?grace, "waiting for open connections");
         }
-        if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, ctx.closed()).await.is_ok() {
             return 0;
         }
-        let cut = tracker.len();
+        let cut = ctx.open();
         warn!(cut, "shutdown timeout reached; closing open connections");
-        self.ctx.abort.trip();
-        tracker.wait().await;
+        ctx.abort.trip();
+        ctx.closed().await;
         cut
     }
 }

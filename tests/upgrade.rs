@@ -763,3 +763,104 @@ async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     }
     String::from_utf8(got).unwrap()
 }
+
+/// Write `msg` over TLS and read as many bytes back.
+async fn echo_tls(s: &mut common::tls::Tls, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    within("the echo over TLS", s.read_exact(&mut back))
+        .await
+        .unwrap();
+    back
+}
+
+/// A TLS connection's session keys are in the process that made the
+/// handshake, so it stays there: the new process takes everything else
+/// over at once (listeners, plain connections, counters, the admin
+/// endpoint) while the old one serves the TLS stream to its end, then
+/// exits 0 and passes on what that stream counted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_streams_finish_in_the_old_process_while_the_new_one_serves_the_rest() {
+    use common::tls::{Ca, connect, tls_table};
+    let exe = Exe::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(dir.path(), "site", &["site.example.com"], 30);
+    let echo_backend = NamedBackend::start("echo").await;
+    let none = "[listener.health_check]\nkind = \"none\"";
+    let toml = format!(
+        "{ADMIN}[global]\nshutdown_timeout = \"60s\"\n{}{}{}",
+        listener("t", none, &[("echo", echo_backend.addr)]),
+        tls_table(&[(cert, key)]),
+        listener("p", none, &[("echo", echo_backend.addr)]),
+    );
+    let mut d = block_in_place(|| exe.start(&toml));
+    let (tls_addr, plain_addr, admin) = (d.addr("t"), d.addr("p"), d.admin.unwrap());
+    let mut sent = 0usize; // plaintext, client to backend, on listener t
+    let (mut kept, _) = connect(&ca, tls_addr, "site.example.com", true).await;
+    let mut name = [0u8; 5];
+    within("the backend's name", kept.read_exact(&mut name))
+        .await
+        .unwrap();
+    assert_eq!(&name, b"echo\n");
+    assert_eq!(echo_tls(&mut kept, &[1; 1000]).await, [1; 1000]);
+    sent += 1000;
+    let mut plain = TcpStream::connect(plain_addr).await.unwrap();
+    assert_eq!(read_until(&mut plain, b"\n").await, "echo\n");
+
+    d.signal("USR2");
+    let old = block_in_place(|| d.taken_over());
+    block_in_place(|| d.log_until(|l| l.contains("TLS connections finish in this process")));
+    // The new process serves the rest while the TLS stream is open: the
+    // admin endpoint (which counted the upgrade), the plain connection it
+    // adopted, new TLS handshakes.
+    let s = scrape(admin).await;
+    assert_eq!(
+        sample_value(&s, "switchyard_upgrades_total", &[("result", "success")]),
+        Some(1.0)
+    );
+    assert_eq!(echo(&mut plain, b"handed over").await, b"handed over");
+    let (mut fresh, _) = connect(&ca, tls_addr, "site.example.com", true).await;
+    within("the backend's name", fresh.read_exact(&mut name))
+        .await
+        .unwrap();
+    assert_eq!(&name, b"echo\n");
+    assert_eq!(echo_tls(&mut fresh, &[2; 500]).await, [2; 500]);
+    sent += 500;
+    drop(fresh);
+    // The stream made before the upgrade goes on in the old process.
+    for round in 0..10u8 {
+        let msg = [round + 10; 4096];
+        assert_eq!(echo_tls(&mut kept, &msg).await, msg);
+        sent += msg.len();
+    }
+    // Its end lets the old process go.
+    kept.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("the end of the TLS stream", kept.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{} unexpected bytes", rest.len());
+    assert_eq!(block_in_place(|| old.wait()), 0, "the old process exits 0");
+    // What the TLS stream counted after the handover reached the new
+    // process: every plaintext byte the client sent on listener t.
+    eventually("the old process's last counts carried", || async {
+        let s = scrape(admin).await;
+        let bytes = sample_value(
+            &s,
+            "switchyard_bytes_total",
+            &[
+                ("listener", "t"),
+                ("backend", "echo"),
+                ("direction", "client_to_backend"),
+            ],
+        );
+        match bytes == Some(sent as f64) {
+            true => Ok(()),
+            false => Err(format!("{bytes:?} of {sent}")),
+        }
+    })
+    .await;
+    // And the plain connection is still the new process's.
+    assert_eq!(echo(&mut plain, b"still here").await, b"still here");
+}

@@ -90,7 +90,7 @@ pub async fn accept_loop(
                 if settings.tls.is_some() {
                     drop(current);
                     let conn = super::tls::serve(stream, peer, route.clone(), ctx.clone(), open);
-                    ctx.tracker.spawn(conn.instrument(span));
+                    ctx.kept.spawn(conn.instrument(span));
                     continue;
                 }
                 match settings.mode {

@@ -159,6 +159,11 @@ impl Route {
 pub struct ConnContext {
     /// Tracks connection tasks so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Tracks the connections that stay in this process through a live
+    /// upgrade: TLS ones, whose session keys cannot be handed over. The
+    /// upgrade hands everything over without waiting for them; they end
+    /// here (within `shutdown_timeout`).
+    pub kept: TaskTracker,
     /// Tripped when shutdown begins: keep-alive HTTP connections finish
     /// their request in progress and close.
     pub draining: Tripwire,
@@ -174,10 +179,26 @@ impl Default for ConnContext {
         let abort = Tripwire::new();
         ConnContext {
             tracker: TaskTracker::new(),
+            kept: TaskTracker::new(),
             draining: Tripwire::new(),
             handover: Handover::under(&abort),
             abort,
         }
+    }
+}
+
+impl ConnContext {
+    /// Connection tasks open now, of both kinds.
+    pub fn open(&self) -> usize {
+        self.tracker.len() + self.kept.len()
+    }
+
+    /// Take no more connection tasks; resolves once every one has ended.
+    pub async fn closed(&self) {
+        self.tracker.close();
+        self.kept.close();
+        self.tracker.wait().await;
+        self.kept.wait().await;
     }
 }
 

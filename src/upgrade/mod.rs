@@ -250,10 +250,13 @@ impl Upgrade {
             send(frame)?;
         }
         send(Frame::new(ToNew::ListenersDone))?;
-        // 2. Sessions, until this process holds no connection.
+        // 2. Sessions, until this process holds none it can hand over.
+        //    TLS connections stay (their session keys are here): they go
+        //    on below, after everything else has been handed over.
         ctx.handover.freeze();
         ctx.draining.trip();
         ctx.tracker.close();
+        ctx.kept.close();
         let deadline = Instant::now() + grace;
         let mut sent = 0usize;
         loop {
@@ -272,8 +275,10 @@ impl Upgrade {
             send(session_frame(f))?;
             sent += 1;
         }
-        // 3. Counters (nothing counts here any more), the admin socket, done.
-        send(Frame::new(ToNew::Metrics(server.metrics().snapshot())))?;
+        // 3. Counters, the admin socket, done. Only the connections kept
+        //    here count from now on; what they count follows at the end.
+        let counted = server.metrics().snapshot();
+        send(Frame::new(ToNew::Metrics(counted.clone())))?;
         if let Some(fd) = stop_admin().await {
             let mut frame = Frame::new(ToNew::Admin);
             frame.fds.push(fd);
@@ -294,15 +299,33 @@ impl Upgrade {
         let pid = self.child.id().ok_or("the new process is gone")?;
         crate::service::main_pid(pid);
         let _ = send(Frame::new(ToNew::MainPidSent));
-        // The sender thread flushes and shuts the socket down when the
-        // link is dropped; wait for the new process to read it all.
-        drop(self.link.tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.link.rx.recv()).await;
         info!(
             pid,
             connections = adopted,
             "live upgrade: the new process has taken over"
         );
+        // 4. The TLS connections run on here until they end, within the
+        //    grace; then what they counted goes to the new process.
+        let kept = ctx.kept.len();
+        if kept > 0 {
+            info!(kept, "live upgrade: TLS connections finish in this process");
+            if tokio::time::timeout_at(deadline, ctx.kept.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    cut = ctx.kept.len(),
+                    "live upgrade: TLS connections still open at the end of shutdown_timeout are cut"
+                );
+                ctx.abort.trip();
+                ctx.kept.wait().await;
+            }
+            let _ = send(Frame::new(ToNew::Metrics(server.metrics().since(&counted))));
+        }
+        // The sender thread flushes and shuts the socket down when the
+        // link is dropped; wait for the new process to read it all.
+        drop(self.link.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.link.rx.recv()).await;
         Ok(pid)
     }
 }
@@ -579,8 +602,10 @@ impl TakeOver {
         Ok(admin)
     }
 
-    /// Wait until the old process has told systemd about this one.
-    pub async fn main_pid_sent(mut self) {
+    /// Wait until the old process has told systemd about this one. From
+    /// then on, what the old process's remaining (TLS) connections count
+    /// is added here when they have ended.
+    pub async fn main_pid_sent(mut self, server: &Server) {
         match self.next().await {
             Ok(Frame {
                 msg: ToNew::MainPidSent,
@@ -589,6 +614,14 @@ impl TakeOver {
             Ok(f) => warn!(msg = ?f.msg, "live upgrade: unexpected message at the end"),
             Err(e) => warn!(error = %e, "live upgrade: the old process left without a word"),
         }
+        let (metrics, keep) = (server.metrics().clone(), carried_here(server));
+        tokio::spawn(async move {
+            while let Ok(frame) = self.next().await {
+                if let ToNew::Metrics(series) = frame.msg {
+                    metrics.carry(series, &keep);
+                }
+            }
+        });
     }
 }
 

@@ -634,36 +634,31 @@ impl Daemon {
 
     /// The second half of [`upgrade`](Self::upgrade), after SIGUSR2.
     pub fn finish_upgrade(&mut self) -> i32 {
+        self.taken_over().wait()
+    }
+
+    /// Wait until the new process has taken over. From then on this
+    /// daemon is the new process; the old one, which may still be
+    /// finishing connections (TLS ones), is returned.
+    pub fn taken_over(&mut self) -> OldProcess {
         let line = self.log_until(|l| {
             l.contains("the new process has taken over") || l.contains("live upgrade failed")
         });
         assert!(line.contains("taken over"), "upgrade failed: {line}");
         let new: u32 = field(&line, "pid").parse().unwrap();
         assert_ne!(new, self.pid, "the new process has a new pid");
-        let code = self.wait_exit();
+        let old = OldProcess {
+            child: self.child.take(),
+            adopted: self.adopted,
+            pid: self.pid,
+        };
         (self.pid, self.adopted) = (new, true);
-        code
+        old
     }
 
     /// Wait for the process to exit and return its exit code.
     pub fn wait_exit(&mut self) -> i32 {
-        if self.adopted {
-            return reap(self.pid);
-        }
-        let mut child = self.child.take().expect("waited once");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let Ok(status) = rx.recv_timeout(DEADLINE) else {
-            // Not reaped yet, so the pid is still ours.
-            let _ = Command::new("kill")
-                .args(["-9", &self.pid.to_string()])
-                .status();
-            panic!("daemon did not exit before the deadline");
-        };
-        let status = status.unwrap();
-        status.code().expect("exited by signal")
+        exit_code(self.child.take(), self.adopted, self.pid)
     }
 
     /// Whether the process is still running.
@@ -672,6 +667,56 @@ impl Daemon {
             .as_mut()
             .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
+}
+
+/// The process a live upgrade replaced, until it exits.
+pub struct OldProcess {
+    child: Option<Child>,
+    adopted: bool,
+    pub pid: u32,
+}
+
+impl OldProcess {
+    /// Wait for it to exit (within the deadline); its exit code.
+    pub fn wait(mut self) -> i32 {
+        exit_code(
+            self.child.take(),
+            std::mem::take(&mut self.adopted),
+            self.pid,
+        )
+    }
+}
+
+impl Drop for OldProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() || self.adopted {
+            // SAFETY: plain syscalls on a pid this process reaps.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+                libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// Wait (within the deadline) for the daemon `pid` to exit: our `child`,
+/// or a process reparented to us (`adopted`). Its exit code.
+fn exit_code(child: Option<Child>, adopted: bool, pid: u32) -> i32 {
+    if adopted {
+        return reap(pid);
+    }
+    let mut child = child.expect("waited once");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let Ok(status) = rx.recv_timeout(DEADLINE) else {
+        // Not reaped yet, so the pid is still ours.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("daemon did not exit before the deadline");
+    };
+    let status = status.unwrap();
+    status.code().expect("exited by signal")
 }
 
 impl Drop for Daemon {
