@@ -58,10 +58,6 @@ async fn fresh(proxy: SocketAddr, n: usize) -> Vec<Duration> {
     times
 }
 
-fn p(times: &[Duration], q: f64) -> Duration {
-    times[((times.len() as f64 * q) as usize).min(times.len() - 1)]
-}
-
 /// Open `n` connections, `batch` at a time.
 async fn open_many(proxy: SocketAddr, n: usize, batch: usize) -> Vec<Session> {
     let mut all = Vec::with_capacity(n);
@@ -127,19 +123,19 @@ async fn nine_thousand_idle_connections_do_not_slow_new_ones_and_idle_timeout_re
         "new connections (connect to echo), {} each: without idle ones p50 {:?} p99 {:?}; \
          with {IDLE} idle p50 {:?} p99 {:?}; daemon fds {baseline_fds} -> {loaded_fds}",
         before.len(),
-        p(&before, 0.5),
-        p(&before, 0.99),
-        p(&during, 0.5),
-        p(&during, 0.99),
+        percentile(&before, 0.5),
+        percentile(&before, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
     );
     // Not slowed: bounded by the idle-free figure with room for a shared
     // 2-core machine, and absolutely.
-    let bound = (p(&before, 0.99) * 4).max(Duration::from_millis(50));
+    let bound = (percentile(&before, 0.99) * 4).max(Duration::from_millis(50));
     assert!(
-        p(&during, 0.99) < bound,
+        percentile(&during, 0.99) < bound,
         "p99 {:?} with {IDLE} idle connections vs {:?} without",
-        p(&during, 0.99),
-        p(&before, 0.99)
+        percentile(&during, 0.99),
+        percentile(&before, 0.99)
     );
 
     // The listener with idle_timeout = 2s closes its idle connections

@@ -51,6 +51,11 @@ pub async fn eventually_some<T, Fut: Future<Output = Option<T>>>(
     .await
 }
 
+/// The `q` quantile (0.5, 0.99) of durations sorted ascending.
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
 /// Run `fut` or fail the test after `DEADLINE`.
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, fut)
