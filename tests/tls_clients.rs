@@ -4,7 +4,7 @@
 //! HTTPS (and refusing a certificate from another CA); 32 MiB each way with
 //! SHA-256 compared on both sides, in http mode (curl, chunked upload) and
 //! tcp mode (tokio-rustls); a WebSocket session through an http listener to
-//! a backend that speaks RFC 6455.
+//! a backend that speaks RFC 6455 (tokio-tungstenite on both ends).
 //!
 //! Needs `redis-server`, `redis-tools`, `curl` and `python3` (standard
 //! library only); a missing one is a failure, never a skip.
@@ -22,17 +22,23 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use common::tls::*;
 use common::*;
+use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
 use switchyard::proxy::lbcookie::cookie_id;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, block_in_place};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderMap;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame as WsFrame};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{accept_hdr_async, client_async};
 
 /// Every bulk transfer here moves 32 MiB: far more than any buffer on the
 /// way (TLS records are 16 KiB, socket buffers a few MiB), so the whole
@@ -907,107 +913,23 @@ async fn thirty_two_mib_each_way_over_a_tls_tcp_listener_hash_the_same() {
 // ---------------------------------------------------------------------
 // 4. WebSocket over TLS.
 
-/// RFC 6455 §1.3: the key's answer.
-fn websocket_accept(key: &str) -> String {
-    let mut h = sha1::Sha1::new();
-    h.update(key.as_bytes());
-    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+/// What the WebSocket backend saw: each upgrade request's path and
+/// headers, then every message it received, in order.
+#[derive(Default)]
+struct WsSeen {
+    upgrades: Vec<(String, HeaderMap)>,
+    messages: Vec<Message>,
 }
 
-/// One WebSocket frame: its first byte (FIN, RSV, opcode) and payload.
-type WsFrame = (u8, Vec<u8>);
-
-/// Encode a frame, masked with `mask` (clients) or not (servers).
-fn encode_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut f = vec![first];
-    let bit = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(bit | n as u8),
-        n if n <= 0xffff => {
-            f.push(bit | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(bit | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(k) => {
-            f.extend_from_slice(&k);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        }
-        None => f.extend_from_slice(payload),
-    }
-    f
-}
-
-/// Read one frame: (first byte, whether it was masked, unmasked payload).
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(u8, bool, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    r.read_exact(&mut head).await?;
-    let masked = head[1] & 0x80 != 0;
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut l = [0u8; 2];
-            r.read_exact(&mut l).await?;
-            u64::from(u16::from_be_bytes(l))
-        }
-        127 => {
-            let mut l = [0u8; 8];
-            r.read_exact(&mut l).await?;
-            u64::from_be_bytes(l)
-        }
-        n => u64::from(n),
-    };
-    assert!(len <= 1 << 20, "frame of {len} bytes");
-    let mut key = [0u8; 4];
-    if masked {
-        r.read_exact(&mut key).await?;
-    }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await?;
-    if masked {
-        payload
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b ^= key[i % 4]);
-    }
-    Ok((head[0], masked, payload))
-}
-
-/// Read an HTTP head byte by byte (nothing after it is consumed).
-async fn read_http_head(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<String> {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        r.read_exact(&mut byte).await?;
-        head.push(byte[0]);
-        assert!(head.len() < 16 * 1024, "endless head");
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// The value of header `name` in an HTTP head ("" if absent).
-fn head_value<'h>(head: &'h str, name: &str) -> &'h str {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map_or("", |(_, v)| v.trim())
-}
-
-/// A WebSocket backend (RFC 6455, server side): checks the handshake,
-/// answers 101 with the key's accept value (and the X-Forwarded-Proto it
-/// saw), then answers every frame with the same frame, unmasked: data and
-/// continuation frames echoed, a ping answered with a pong, a close with a
-/// close and the end of the connection. An unmasked client frame is a
-/// protocol error (close 1002). Every frame received is recorded.
-async fn websocket_backend() -> (SocketAddr, Arc<Mutex<Vec<WsFrame>>>, JoinHandle<()>) {
+/// A WebSocket backend (tungstenite, server side). The handshake records
+/// the upgrade request; then text and binary messages are echoed, pings are
+/// answered with pongs and a close with the same close, all by tungstenite,
+/// which also refuses unmasked client frames. Every message is recorded.
+async fn websocket_backend() -> (SocketAddr, Arc<Mutex<WsSeen>>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let log = received.clone();
+    let seen = Arc::new(Mutex::new(WsSeen::default()));
+    let log = seen.clone();
     let task = tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let log = log.clone();
@@ -1016,53 +938,42 @@ async fn websocket_backend() -> (SocketAddr, Arc<Mutex<Vec<WsFrame>>>, JoinHandl
             });
         }
     });
-    (addr, received, task)
+    (addr, seen, task)
 }
 
-async fn websocket_session(mut s: TcpStream, log: Arc<Mutex<Vec<WsFrame>>>) -> std::io::Result<()> {
-    let head = read_http_head(&mut s).await?;
-    let key = head_value(&head, "sec-websocket-key");
-    let ok = head.starts_with("GET ")
-        && head_value(&head, "upgrade").eq_ignore_ascii_case("websocket")
-        && head_value(&head, "connection")
-            .split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        && head_value(&head, "sec-websocket-version") == "13"
-        && !key.is_empty();
-    if !ok {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .await?;
-        return s.shutdown().await;
-    }
-    let reply = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\nX-Seen-Xfp: {}\r\n\r\n",
-        websocket_accept(key),
-        head_value(&head, "x-forwarded-proto")
-    );
-    s.write_all(reply.as_bytes()).await?;
-    loop {
-        let (first, masked, payload) = read_frame(&mut s).await?;
-        log.lock().unwrap().push((first, payload.clone()));
-        if !masked {
-            s.write_all(&encode_frame(0x88, &1002u16.to_be_bytes(), None))
-                .await?;
-            return s.shutdown().await;
-        }
-        match first & 0x0f {
-            0x0..=0x2 => s.write_all(&encode_frame(first, &payload, None)).await?,
-            0x9 => s.write_all(&encode_frame(0x8a, &payload, None)).await?,
-            0x8 => {
-                s.write_all(&encode_frame(0x88, &payload, None)).await?;
-                return s.shutdown().await;
-            }
-            _ => {
-                s.write_all(&encode_frame(0x88, &1002u16.to_be_bytes(), None))
-                    .await?;
-                return s.shutdown().await;
-            }
+async fn websocket_session(s: TcpStream, seen: Arc<Mutex<WsSeen>>) -> Result<(), WsError> {
+    let log = seen.clone();
+    #[expect(clippy::result_large_err, reason = "tungstenite's callback signature")]
+    let record = move |req: &Request, resp: Response| {
+        let upgrade = (req.uri().to_string(), req.headers().clone());
+        log.lock().unwrap().upgrades.push(upgrade);
+        Ok(resp)
+    };
+    let mut ws = accept_hdr_async(s, record).await?;
+    // Ends after the close handshake: tungstenite answers the close, then
+    // the stream ends and dropping it closes the connection.
+    while let Some(msg) = ws.next().await {
+        let msg = msg?;
+        seen.lock().unwrap().messages.push(msg.clone());
+        if msg.is_text() || msg.is_binary() {
+            ws.send(msg).await?;
         }
     }
+    Ok(())
+}
+
+/// A message's kind and size, for assertion messages (a 300 kB payload
+/// would be unreadable in full).
+fn ws_summary(msg: &Message) -> String {
+    let kind = match msg {
+        Message::Text(_) => "text",
+        Message::Binary(_) => "binary",
+        Message::Ping(_) => "ping",
+        Message::Pong(_) => "pong",
+        Message::Close(_) => "close",
+        Message::Frame(_) => "frame",
+    };
+    format!("{kind} of {} bytes", msg.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1071,107 +982,131 @@ async fn websocket_over_https_echoes_frames_byte_exact_and_closes_cleanly() {
     let ca = Ca::new();
     let name = "ws.example.com";
     let (cert, key, _) = ca.leaf(dir.path(), "ws", &[name], 30);
-    let (addr, received, backend) = websocket_backend().await;
+    let (addr, seen, backend) = websocket_backend().await;
     let toml = format!(
         "{}{}",
         listener_toml("roundrobin", "mode = \"http\"", &[b("ws", addr)]),
         tls_table(&[(cert, key)])
     );
     let d = block_in_place(|| Daemon::start(&toml));
-    let (mut tls, _) = connect(&ca, d.addr("l"), name, true).await;
+    let (tls, _) = connect(&ca, d.addr("l"), name, true).await;
 
-    let key = base64::engine::general_purpose::STANDARD.encode(b"switchyard tls16");
-    let request = format!(
-        "GET /chat HTTP/1.1\r\nHost: {name}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let head = within("the 101", read_http_head(&mut tls)).await.unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head_value(&head, "upgrade").eq_ignore_ascii_case("websocket"),
-        "{head}"
-    );
-    assert!(
-        head_value(&head, "connection").eq_ignore_ascii_case("upgrade"),
-        "{head}"
-    );
-    assert_eq!(
-        head_value(&head, "sec-websocket-accept"),
-        websocket_accept(&key)
-    );
-    assert_eq!(head_value(&head, "x-seen-xfp"), "https", "{head}");
-
-    // Text, binary of each length encoding (7-bit, 16-bit, 64-bit), a
-    // fragmented message, a ping; each answered before the next is sent.
-    let big = pattern(0, 300_000);
-    let sent: Vec<WsFrame> = vec![
-        (0x81, b"hello over TLS".to_vec()),
-        (0x81, "h\u{e9}llo \u{2713}".as_bytes().to_vec()),
-        (0x82, Vec::new()),
-        (0x82, (0..125u8).collect()),
-        (0x82, (0..126u8).collect()),
-        (0x82, big[..65_535].to_vec()),
-        (0x82, big[..65_536].to_vec()),
-        (0x82, big.clone()),
-        (0x01, b"frag".to_vec()),
-        (0x80, b"mented".to_vec()),
-        (0x89, b"ping!".to_vec()),
-    ];
-    for (i, (first, payload)) in sent.iter().enumerate() {
-        let mask = [0x5a, i as u8, 0xc3, 0x0f];
-        tls.write_all(&encode_frame(*first, payload, Some(mask)))
-            .await
-            .unwrap();
-        let (got, masked, back) = within("the echo", read_frame(&mut tls)).await.unwrap();
-        let want = if first & 0x0f == 0x9 { 0x8a } else { *first };
-        assert_eq!(got, want, "frame {i}: first byte");
-        assert!(!masked, "frame {i}: a server frame is never masked");
-        assert!(
-            back == *payload,
-            "frame {i}: {} bytes back, {} sent",
-            back.len(),
-            payload.len()
+    // The upgrade: tungstenite checks the 101's Upgrade, Connection and
+    // Sec-WebSocket-Accept itself.
+    let (mut ws, response) = within("the 101", client_async(format!("wss://{name}/chat"), tls))
+        .await
+        .expect("the upgrade is accepted");
+    assert_eq!(response.status(), 101);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.upgrades.len(), 1, "one upgrade request");
+        let (path, headers) = &seen.upgrades[0];
+        assert_eq!(path, "/chat");
+        assert_eq!(
+            headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok()),
+            Some("https"),
+            "{headers:?}"
         );
     }
-    // Two frames in one write: two answers, in order.
-    let mut both = encode_frame(0x81, b"one", Some([1, 2, 3, 4]));
-    both.extend(encode_frame(0x81, b"two", Some([5, 6, 7, 8])));
-    tls.write_all(&both).await.unwrap();
-    for want in [&b"one"[..], b"two"] {
-        let (got, _, back) = within("pipelined echo", read_frame(&mut tls))
+
+    // Text, then binary of each length encoding (7-bit, 16-bit, 64-bit);
+    // each echoed before the next is sent.
+    let big = pattern(0, 300_000);
+    let mut sent: Vec<Message> = vec![
+        Message::text("hello over TLS"),
+        Message::text("h\u{e9}llo \u{2713}"),
+        Message::binary(Vec::new()),
+        Message::binary((0..125u8).collect::<Vec<_>>()),
+        Message::binary((0..126u8).collect::<Vec<_>>()),
+        Message::binary(big[..65_535].to_vec()),
+        Message::binary(big[..65_536].to_vec()),
+        Message::binary(big.clone()),
+    ];
+    for (i, msg) in sent.iter().enumerate() {
+        ws.send(msg.clone()).await.unwrap();
+        let back = within("the echo", ws.next())
             .await
-            .unwrap();
-        assert_eq!((got, back.as_slice()), (0x81, want));
+            .expect("an echo, not the end")
+            .expect("a well-formed echo");
+        assert!(
+            back == *msg,
+            "message {i}: {} back, {} sent",
+            ws_summary(&back),
+            ws_summary(msg)
+        );
     }
 
-    // Close: 1000 "bye" answered in kind, then the backend's close reaches
-    // the client as close_notify (a bare FIN would be an error here).
-    let close = [&1000u16.to_be_bytes()[..], b"bye"].concat();
-    tls.write_all(&encode_frame(0x88, &close, Some([9, 9, 9, 9])))
-        .await
-        .unwrap();
-    let (got, _, back) = within("the close", read_frame(&mut tls)).await.unwrap();
-    assert_eq!((got, back.as_slice()), (0x88, close.as_slice()));
-    let mut rest = Vec::new();
-    within("the end after the close", tls.read_to_end(&mut rest))
-        .await
-        .expect("a clean TLS close");
-    assert!(rest.is_empty(), "{} bytes after the close", rest.len());
+    // A text message in two frames: the backend gets (and echoes) the
+    // whole message.
+    ws.send(Message::Frame(WsFrame::message(
+        "frag",
+        OpCode::Data(OpData::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(WsFrame::message(
+        "mented",
+        OpCode::Data(OpData::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    let whole = Message::text("fragmented");
+    let back = within("the fragmented echo", ws.next()).await;
+    assert_eq!(back.expect("an echo").unwrap(), whole);
+    sent.push(whole);
 
-    // The backend got every frame exactly as sent (unmasked).
-    let mut want = sent.clone();
-    want.push((0x81, b"one".to_vec()));
-    want.push((0x81, b"two".to_vec()));
-    want.push((0x88, close));
-    let got = received.lock().unwrap().clone();
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    // A ping: answered with a pong of the same payload.
+    let ping = Message::Ping(Bytes::from_static(b"ping!"));
+    ws.send(ping.clone()).await.unwrap();
+    let back = within("the pong", ws.next()).await;
+    assert_eq!(
+        back.expect("a pong").unwrap(),
+        Message::Pong(Bytes::from_static(b"ping!"))
+    );
+    sent.push(ping);
+
+    // Two messages in one write: two answers, in order.
+    let pair = [Message::text("one"), Message::text("two")];
+    for msg in &pair {
+        ws.feed(msg.clone()).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for msg in &pair {
+        let back = within("pipelined echo", ws.next()).await;
+        assert_eq!(&back.expect("an echo").unwrap(), msg);
+    }
+    sent.extend(pair);
+
+    // Close: 1000 "bye" answered in kind, then the stream ends. The
+    // backend's close reaches the client as close_notify: a bare FIN would
+    // come out of the TLS stream as an UnexpectedEof error, not the end.
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    ws.close(Some(bye.clone())).await.unwrap();
+    let back = within("the close", ws.next()).await;
+    assert_eq!(
+        back.expect("the close answered").unwrap(),
+        Message::Close(Some(bye.clone()))
+    );
+    let end = within("the end after the close", ws.next()).await;
+    assert!(end.is_none(), "after the close: {end:?}");
+    sent.push(Message::Close(Some(bye)));
+
+    // The backend got every message exactly as sent.
+    let got = std::mem::take(&mut seen.lock().unwrap().messages);
+    assert_eq!(got.len(), sent.len());
+    for (i, (g, w)) in got.iter().zip(&sent).enumerate() {
         assert!(
             g == w,
-            "frame {i} at the backend: {:02x} {} bytes",
-            g.0,
-            g.1.len()
+            "message {i} at the backend: {}, {} sent",
+            ws_summary(g),
+            ws_summary(w)
         );
     }
     backend.abort();
