@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side L4 load benchmark, loopback only: direct vs HAProxy (mode tcp, nbthread 1) vs
 # nginx stream (1 worker) vs switchyard; row 5 (HTTP mode) without nginx stream, row 6 (UDP)
-# without HAProxy. See benches/load/README.md.
+# without HAProxy, row 8 (TLS termination, HTTP mode) HAProxy vs switchyard only.
+# See benches/load/README.md.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,7 +21,7 @@ REDIS_USER=${REDIS_USER:-}          # row 7: run redis-server as this user (defa
 PROXY_CPU=${PROXY_CPU:-0}           # proxy under test: a CPU or a list (taskset -c), e.g. 0,1
 PROXY_THREADS=${PROXY_THREADS:-1}   # HAProxy nbthread / nginx worker_processes; switchyard runs a worker per CPU of PROXY_CPU
 LOAD_CPU=${LOAD_CPU:-1}             # load generators and backends
-ROWS=${ROWS:-1 2 3 4 5 6 7}         # which rows to run (3 = 3a and 3b)
+ROWS=${ROWS:-1 2 3 4 5 6 7 8}       # which rows to run (3 = 3a and 3b; 8 = 8a-8d, TLS)
 ROW5_STICKY=${ROW5_STICKY:-1}       # row 5: also run wrk with the sticky cookie (0 = only without cookie)
 UDP_SOCKETS=${UDP_SOCKETS:-256}     # row 6: client sockets (source ports) of the UDP load generator
 UDP_OUTSTANDING=${UDP_OUTSTANDING:-64} # row 6: datagrams kept outstanding (at most one per socket)
@@ -28,6 +29,9 @@ UDP_SIZE=${UDP_SIZE:-80}            # row 6: bytes per datagram (a DNS query's s
 UDP_TIMEOUT_MS=${UDP_TIMEOUT_MS:-1000} # row 6: a reply later than this is a lost datagram
 SWITCHYARD_BIN=${SWITCHYARD_BIN:-}  # set to skip `cargo build --release` and use this binary
 UDPLOAD_BIN=${UDPLOAD_BIN:-}        # row 6: set to skip building benches/load/udpload.rs and use this binary
+TLS_CONNS=${TLS_CONNS:-$CONNS}      # row 8a-8c: concurrent connections of the handshake client (tlsload --conns)
+TLS_REQUEST=${TLS_REQUEST:-1}       # row 8a-8c: 1 = one GET per TLS connection, 0 = handshake and close_notify only
+TLSLOAD_BIN=${TLSLOAD_BIN:-}        # row 8: set to skip building benches/load/tlsload and use this binary
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -41,13 +45,14 @@ want() {
     return 1
 }
 for r in $ROWS; do
-    [[ $r =~ ^([124567]|3[ab]?)$ ]] || die "ROWS: unknown row '$r' (rows: 1 2 3 3a 3b 4 5 6 7)"
+    [[ $r =~ ^([124567]|3[ab]?|8[a-d]?)$ ]] || die "ROWS: unknown row '$r' (rows: 1 2 3 3a 3b 4 5 6 7 8 8a 8b 8c 8d)"
 done
 
 # ---------------------------------------------------------------- tools
 need=()
 tools=(haproxy nginx wrk iperf3 taskset ss python3)
 ! want 7 || tools+=(redis-server redis-benchmark)
+! want 8 || tools+=(openssl curl)
 for b in "${tools[@]}"; do
     command -v "$b" >/dev/null 2>&1 || need+=("$b")
 done
@@ -95,6 +100,14 @@ if [ -z "$SWITCHYARD_BIN" ]; then
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
     SWITCHYARD_BIN=$TARGET_DIR/release/switchyard
 fi
+if want 8 && [ -z "$TLSLOAD_BIN" ]; then
+    # Its own package (benches/load/tlsload/Cargo.toml: rustls, tokio), built into its own
+    # directory of the target dir so that it shares no lock file with switchyard's build.
+    log "building the TLS load generator (cargo build --release --manifest-path benches/load/tlsload/Cargo.toml)"
+    (cd "$ROOT" && cargo build --release --quiet --manifest-path "$HERE/tlsload/Cargo.toml" --target-dir "$TARGET_DIR/tlsload") ||
+        die "cargo build of benches/load/tlsload failed"
+    TLSLOAD_BIN=$TARGET_DIR/tlsload/release/tlsload
+fi
 if want 6 && [ -z "$UDPLOAD_BIN" ]; then
     log "building the UDP load generator (cargo build --release --example udpload)"
     (cd "$ROOT" && cargo build --release --quiet --example udpload) || die "cargo build --release --example udpload failed"
@@ -109,6 +122,8 @@ elif [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock b
 fi
 [ -x "$SWITCHYARD_BIN" ] || die "no switchyard binary at $SWITCHYARD_BIN"
 ! want 6 || [ -x "$UDPLOAD_BIN" ] || die "no udpload binary at $UDPLOAD_BIN"
+! want 8 || [ -x "$TLSLOAD_BIN" ] || die "no tlsload binary at $TLSLOAD_BIN"
+[[ $TLS_REQUEST =~ ^[01]$ ]] || die "TLS_REQUEST: '$TLS_REQUEST' is not 0 or 1"
 
 # CPU pinning (needs 2 CPUs; otherwise run unpinned and say so)
 ncpu=$(nproc)
@@ -594,6 +609,97 @@ EOF
     wait_udp "$1" "$SY_PID" switchyard-udp
 }
 
+# ---- row 8: TLS termination in HTTP mode, HAProxy and switchyard, one nginx backend
+# make_certs -> $TMP/tls/{ec,rsa}.{crt,key} and .pem (certificate + key, as HAProxy's `crt`
+# wants it): self-signed for bench.test, ECDSA P-256 and RSA 2048, valid for a week
+make_certs() {
+    local d=$TMP/tls k
+    mkdir -p "$d"
+    for k in ec rsa; do
+        local newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1)
+        [ "$k" = ec ] || newkey=(-newkey rsa:2048)
+        openssl req -x509 "${newkey[@]}" -nodes -keyout "$d/$k.key" -out "$d/$k.crt" -days 7 \
+            -subj "/CN=bench.test" -addext "subjectAltName=DNS:bench.test" >"$d/$k.log" 2>&1 ||
+            { cat "$d/$k.log" >&2; die "openssl req ($k) failed"; }
+        cat "$d/$k.crt" "$d/$k.key" >"$d/$k.pem"
+    done
+}
+
+# start_haproxy_tls EC_PORT RSA_PORT BACKEND_PORT -> HAP_PID : `mode http`, one frontend per key
+# type. `curves X25519:P-256`: HAProxy's default for TLS 1.2 is P-256 alone (`ecdhe
+# prime256v1`), rustls prefers X25519 in both versions; so both use X25519 everywhere.
+# `http-reuse always`: a backend connection left idle by one client connection may carry
+# the first request of the next, as switchyard's idle pool does (HAProxy's default `safe`
+# opens one per client connection for its first request, which with one request per
+# connection in rows 8a-8c would be a backend connect per handshake that switchyard does not make).
+start_haproxy_tls() {
+    cat >"$TMP/haproxy-tls.cfg" <<CFG
+global
+    nbthread $PROXY_THREADS
+    maxconn $HAP_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe_ec
+    bind 127.0.0.1:$1 ssl crt $TMP/tls/ec.pem alpn http/1.1 curves X25519:P-256
+    default_backend be
+frontend fe_rsa
+    bind 127.0.0.1:$2 ssl crt $TMP/tls/rsa.pem alpn http/1.1 curves X25519:P-256
+    default_backend be
+backend be
+    server s1 127.0.0.1:$3
+CFG
+    start haproxy-tls "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy-tls.cfg"
+    HAP_PID=$LAST_PID
+    wait_listen "$1" "$HAP_PID" haproxy-tls
+    wait_listen "$2" "$HAP_PID" haproxy-tls
+}
+
+# start_switchyard_tls EC_PORT RSA_PORT BACKEND_PORT -> SY_PID : two `mode = "http"` listeners
+# with [listener.tls] (min_version the default "1.2"), one per key type; returns 1 (and adds a
+# note) when this build rejects the config (one without TLS termination).
+start_switchyard_tls() {
+    local cfg=$TMP/switchyard-tls.toml k port
+    : >"$cfg"
+    for k in ec rsa; do
+        port=$1; [ "$k" = ec ] || port=$2
+        cat >>"$cfg" <<CFG
+[[listener]]
+name = "tls-$k"
+bind = "127.0.0.1:$port"
+mode = "http"
+algorithm = "roundrobin"
+[listener.health_check]
+interval = "1h"
+timeout = "1s"
+[listener.tls]
+certificates = [ { cert = "$TMP/tls/$k.crt", key = "$TMP/tls/$k.key" } ]
+[[listener.backend]]
+name = "s1"
+address = "127.0.0.1:$3"
+CFG
+    done
+    start_checked_switchyard switchyard-tls "$cfg" "row 8" "TLS" || return 1
+    wait_listen "$1" "$SY_PID" switchyard-tls
+    wait_listen "$2" "$SY_PID" switchyard-tls
+}
+
+# probe_tls TARGET PORT WHAT : a note with what `openssl s_client` (the library wrk uses, with
+# its defaults: what row 8d negotiates) and curl see: protocol, suite, group, signature, status
+probe_tls() {
+    local t=$1 port=$2 what=$3 s c
+    s=$(timeout 10 openssl s_client -brief -connect "127.0.0.1:$port" -servername bench.test </dev/null 2>&1 |
+        awk -F': *' '/^(Protocol version|Ciphersuite|Signature type|Server Temp Key|Negotiated TLS1.3 group)/ { printf "%s%s", sep, $2; sep = ", " }') || true
+    c=$(curl -sk --max-time 5 -o /dev/null -w '%{http_code}' --resolve "bench.test:$port:127.0.0.1" "https://bench.test:$port/" 2>&1) || true
+    NOTES+=("row 8 / $t / $what: openssl s_client with its defaults: ${s:-no handshake}; curl GET: ${c:-failed}")
+    log "row 8: $t $what: ${s:-no handshake}; curl $c"
+}
+
 session_pids() { # session_pids SID -> the pids of the processes in session SID (nginx: master and worker)
     ps -o pid= -s "$1" | awk '{ print $1 }'
 }
@@ -747,14 +853,15 @@ add_cpu() {
     add "$1-sys" "$2" "$(awk -v c="$SYS_S" -v n="$3" 'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / n; else print "err" }')"
 }
 
+WRK_SCHEME=http WRK_HOST=127.0.0.1 # row 8d: https, and a name for wrk to send as SNI
 run_wrk() { # run_wrk KEY TARGET PORT [extra wrk args...] : KEY-rps, KEY-p99, KEY-cpu, KEY-busy
     local key=$1 t=$2 port=$3; shift 3
-    local out=$TMP/wrk-$key-$t-r$ROUND.txt
+    local out=$TMP/wrk-$key-$t-r$ROUND.txt url=$WRK_SCHEME://$WRK_HOST:$port/
     if ((WARMUP > 0)); then
-        "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" "$@" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+        "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" "$@" "$url" >/dev/null 2>&1 || true
     fi
     cpu_start "$t"
-    "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$@" "http://127.0.0.1:$port/" >"$out" 2>&1 || true
+    "${PIN_LOAD[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$@" "$url" >"$out" 2>&1 || true
     cpu_stop
     local rps p99 errs non2xx n
     rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
@@ -846,6 +953,42 @@ run_redis() { # run_redis TARGET PORT : redis-get-rps, -p99, -cpu, -busy
     add redis-p99 "$t" "$p99"
     add_cpu redis "$t" "$n"
     log "  redis GET $t: $rps ops/s ($n GETs), p99 $p99 ms${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
+}
+
+# run_tls KEY TARGET PORT [tlsload args...] : new TLS connections with full handshakes
+# (benches/load/tlsload) for DURATION s after WARMUP s: KEY-rps (handshakes/s), KEY-p99 (ms, a
+# whole connection), KEY-cpu/-sys (proxy CPU µs per handshake), KEY-busy, KEY-load
+TLS_SEEN=() # "KEY,TARGET" whose negotiated parameters are in the notes already
+run_tls() {
+    local key=$1 t=$2 port=$3; shift 3
+    local out=$TMP/tls-$key-$t-r$ROUND.txt mode=()
+    ((TLS_REQUEST)) || mode=(--handshake-only)
+    if ((WARMUP > 0)); then
+        "${PIN_LOAD[@]}" "$TLSLOAD_BIN" "127.0.0.1:$port" --conns "$TLS_CONNS" --duration "$WARMUP" "${mode[@]}" "$@" >/dev/null 2>&1 || true
+    fi
+    cpu_start "$t"
+    "${PIN_LOAD[@]}" "$TLSLOAD_BIN" "127.0.0.1:$port" --conns "$TLS_CONNS" --duration "$DURATION" "${mode[@]}" "$@" >"$out" 2>&1 || true
+    cpu_stop
+    # handshakes=N in_window=N seconds=S rate=R errors=N resumed=N bad=N p50_ms=X p99_ms=Y version=V suite=S kx=K alpn=A
+    local -A u=()
+    local kv
+    for kv in $(grep -m1 '^handshakes=' "$out" || true); do u[${kv%%=*}]=${kv#*=}; done
+    if [ -z "${u[rate]:-}" ] || ((u[handshakes] == 0)); then
+        log "tlsload $key against $t failed:"; sed 's/^/    /' "$out" >&2
+        add "$key-rps" "$t" err; add "$key-p99" "$t" err; add "$key-cpu" "$t" err; add "$key-sys" "$t" err; add "$key-busy" "$t" err
+        add "$key-load" "$t" err
+        return
+    fi
+    add "$key-rps" "$t" "${u[rate]}"
+    add "$key-p99" "$t" "${u[p99_ms]}"
+    add_cpu "$key" "$t" "${u[handshakes]}"
+    if [[ " ${TLS_SEEN[*]} " != *" $key,$t "* ]]; then
+        TLS_SEEN+=("$key,$t")
+        NOTES+=("$key / $t: tlsload negotiated ${u[version]}, ${u[suite]}, ${u[kx]}, ALPN ${u[alpn]}")
+    fi
+    ((u[errors] + u[resumed] + u[bad] == 0)) ||
+        NOTES+=("$key / $t / round $ROUND: ${u[errors]} failed connections ($(grep -m1 '^tlsload:' "$out" | cut -c1-200)), ${u[resumed]} resumed handshakes, ${u[bad]} responses not 200")
+    log "  $key $t: ${u[rate]} handshakes/s (${u[handshakes]} in all), p99 ${u[p99_ms]} ms${CPU_PIDS[0]:+, proxy CPU $CPU_S s, waited $WAIT_S s}"
 }
 
 NOTES=()
@@ -1014,6 +1157,55 @@ if want 7; then
     log_problems switchyard
     log_problems haproxy
 fi
+# Row 8: TLS termination in HTTP mode, HAProxy vs switchyard, one nginx backend (1 worker).
+# 8a-8c: a full handshake per connection (tlsload), 8d: keep-alive requests (wrk https).
+# Both proxies run for the whole row, each idle while the other is measured.
+if want 8; then
+    make_certs
+    read -r BP HE HR SE SR < <(free_ports 5)
+    start_nginx nginx-tls "$BP"
+    start_haproxy_tls "$HE" "$HR" "$BP"
+    PORT_haproxy=$HE RSA_PORT_haproxy=$HR PID_haproxy=$HAP_PID
+    TLS_TARGETS=(haproxy)
+    probe_tls haproxy "$HE" "ECDSA P-256"
+    probe_tls haproxy "$HR" "RSA 2048"
+    if start_switchyard_tls "$SE" "$SR" "$BP"; then
+        TLS_TARGETS+=(switchyard) PORT_switchyard=$SE RSA_PORT_switchyard=$SR PID_switchyard=$SY_PID
+        probe_tls switchyard "$SE" "ECDSA P-256"
+        probe_tls switchyard "$SR" "RSA 2048"
+    fi
+    hs_what="one GET"; ((TLS_REQUEST)) || hs_what="close_notify at once (no request)"
+    # sub-row key tlsload-arguments port-variable label
+    for sub in "8a tls-ec13 PORT --tls 1.3" "8b tls-rsa13 RSA_PORT --tls 1.3" "8c tls-ec12 PORT --tls 1.2"; do
+        read -r sub_row key pv args <<<"$sub"
+        want "$sub_row" || continue
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row $sub_row: full TLS handshakes ($key, $TLS_CONNS connections, $hs_what) (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND" "${TLS_TARGETS[@]}"); do
+                # $args unquoted: "--tls 1.3" is two arguments
+                p=${pv}_$t; run_tls "$key" "$t" "${!p}" $args
+            done
+        done
+    done
+    if want 8d; then
+        # wrk sends its URL's host as SNI; an IP address there is not allowed (RFC 6066), and
+        # rustls logs a WARN line for each such connection. `localhost`, if it is 127.0.0.1 here.
+        WRK_SCHEME=https
+        if [ "$(getent ahosts localhost | awk 'NR == 1 { print $1 }')" = 127.0.0.1 ]; then
+            WRK_HOST=localhost
+        else
+            NOTES+=("row 8d: localhost is not 127.0.0.1 first here, so wrk ran against https://127.0.0.1:PORT/ and sent that IP address as SNI")
+        fi
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            log "row 8d: wrk keep-alive over TLS (round $ROUND/$ROUNDS)"
+            for t in $(in_order "$ROUND" "${TLS_TARGETS[@]}"); do p=PORT_$t; run_wrk tls-ka "$t" "${!p}"; done
+        done
+        WRK_SCHEME=http WRK_HOST=127.0.0.1
+    fi
+    stop_all
+    log_problems switchyard-tls
+    log_problems haproxy-tls
+fi
 # ---------------------------------------------------------------- report
 ratio() { # ratio SWITCHYARD HAPROXY
     awk -v s="$1" -v h="$2" 'BEGIN {
@@ -1074,6 +1266,20 @@ if want 6; then
          "Proxy CPU = utime+stime of the proxy's processes (nginx: master and worker; switchyard: all threads) over the counted seconds;"\
          "waiting = their run-queue time (/proc/PID/task/*/schedstat) over the same seconds."\
          "Median of $ROUNDS rounds; ratios are of the medians, with the range of the per-round ratios in brackets."
+fi
+if want 8; then
+    ! want 8d || TLS_8D_WHAT="8d: \`wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency https://localhost:PORT/\` keep-alive (wrk's OpenSSL defaults; what it negotiated is in the notes)."
+    echo "Row 8: TLS termination, HTTP mode, one nginx backend (1 worker, 128-byte file) on CPU $LOAD_CPU; self-signed bench.test certificates"\
+         "made with $(openssl version | awk '{print $1 " " $2}'), ECDSA P-256 and RSA 2048; HAProxy \`mode http\`, \`nbthread $PROXY_THREADS\`,"\
+         "\`bind ... ssl crt <certificate+key PEM> alpn http/1.1 curves X25519:P-256\`, \`http-reuse always\`, $(haproxy -vv 2>/dev/null | sed -n 's/^Running on OpenSSL version : \(OpenSSL [^ ]*\).*/\1/p' | head -n 1);"\
+         "switchyard \`mode = \"http\"\` with \`[listener.tls]\` (rustls, ring). 8a-8c: \`tlsload\` (benches/load/tlsload, rustls client on CPU $LOAD_CPU),"\
+         "$TLS_CONNS connections at a time, each a new TCP connection and a full handshake (the client asks for tickets and"\
+         "never uses one; resumed handshakes counted, 0 expected), then $hs_what; one cipher suite"\
+         "(TLS 1.3: TLS_AES_128_GCM_SHA256, 1.2: ECDHE-*-AES128-GCM-SHA256), groups X25519 (the key share) and P-256; ${DURATION}s after ${WARMUP}s of warm-up;"\
+         "handshakes/s counts those done within the ${DURATION}s, CPU per handshake divides by all done (those in progress at the end included)."\
+         "${TLS_8D_WHAT:-}"\
+         "Proxy CPU as in the other rows; load CPU busy = CPU $LOAD_CPU's busy time (client, nginx, their kernel work) over the same seconds."\
+         "Median of $ROUNDS rounds, the two proxies in alternating order; ratios are of the medians, with the range of the per-round ratios in brackets."
 fi
 if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
     echo
@@ -1179,6 +1385,41 @@ if want 6; then
     udp_row "proxy runnable but waiting for its CPU, % (other work on it; 0 is clean)" udp-wait 0 none
     echo "| 6 | datagrams lost, all rounds (lower is better) | $(total "${R[udp-lost,direct]:-}") | $(total "${R[udp-lost,nginx]:-}") | $(total "${R[udp-lost,switchyard]:-}") | | |"
 fi
+tls_row() { # tls_row ROW LABEL KEY DECIMALS [KIND] : HAProxy, switchyard, ratio; KIND = ratios (default), bw, none
+    want "$1" || return 0
+    local kind=${5:-ratios} t v cells="" r=""
+    for t in haproxy switchyard; do
+        v=${R[$3,$t]:-n/a}
+        if [ "$kind" = bw ] && [[ $v == *[0-9]/[0-9]* ]]; then
+            v="$(fmt "$(median "$(printf '%s\n' $v | cut -d/ -f1)")" 0) / $(fmt "$(median "$(printf '%s\n' $v | cut -sd/ -f2)")" 0)"
+        else
+            v=$(fmt "$(median "${R[$3,$t]:-}")" "$4")
+        fi
+        cells+=" $v |"
+    done
+    [ "$kind" != ratios ] || r=$(ratio_sp "$3" switchyard haproxy)
+    echo "| $1 | $2 |$cells $r |"
+}
+if want 8; then
+    echo
+    echo "| # | workload | HAProxy | switchyard | switchyard/HAProxy |"
+    echo "|---|---|---:|---:|---:|"
+    for sub in "8a tls-ec13 ECDSA P-256, TLS 1.3" "8b tls-rsa13 RSA 2048, TLS 1.3" "8c tls-ec12 ECDSA P-256, TLS 1.2"; do
+        read -r sub_row key what <<<"$sub"
+        tls_row "$sub_row" "full handshakes/s, $what (higher is better)" "$key-rps" 0
+        tls_row "$sub_row" "proxy CPU µs per full handshake, $what (lower is better)" "$key-cpu" 1
+        tls_row "$sub_row" "proxy kernel CPU µs per handshake (stime), $what" "$key-sys" 1
+        tls_row "$sub_row" "p99 ms per connection, $what (lower is better)" "$key-p99" 2
+        tls_row "$sub_row" "proxy CPU busy / waiting for its CPU, %, $what" "$key-busy" 0 bw
+        tls_row "$sub_row" "load CPU busy % (tlsload and nginx), $what" "$key-load" 0 none
+    done
+    tls_row 8d "keep-alive HTTPS req/s, ECDSA P-256 (higher is better)" tls-ka-rps 0
+    tls_row 8d "keep-alive HTTPS proxy CPU µs per request (lower is better)" tls-ka-cpu 2
+    tls_row 8d "keep-alive HTTPS proxy kernel CPU µs per request (stime)" tls-ka-sys 2
+    tls_row 8d "keep-alive HTTPS p99 latency ms (lower is better)" tls-ka-p99 2
+    tls_row 8d "keep-alive HTTPS proxy CPU busy / waiting for its CPU, %" tls-ka-busy 0 bw
+    tls_row 8d "keep-alive HTTPS load CPU busy % (wrk and nginx)" tls-ka-load 0 none
+fi
 if ((ROUNDS > 1)) && { want 1 || want 2 || want 3 || want 4 || want 5 || want 7; }; then
     echo
     echo "Per-round values (direct / HAProxy / nginx stream / switchyard):"
@@ -1194,6 +1435,16 @@ if ((ROUNDS > 1)) && want 6; then
     echo "Per-round values, row 6 (direct / nginx stream / switchyard):"
     for k in udp-rate udp-cpu udp-busy udp-wait udp-lost; do
         echo "- $k: ${R[$k,direct]:-} / ${R[$k,nginx]:-} / ${R[$k,switchyard]:-}"
+    done
+fi
+if ((ROUNDS > 1)) && want 8; then
+    echo
+    echo "Per-round values, row 8 (HAProxy / switchyard):"
+    for k in tls-ec13 tls-rsa13 tls-ec12 tls-ka; do
+        for m in rps cpu sys p99 busy load; do
+            [ -n "${R[$k-$m,haproxy]:-}${R[$k-$m,switchyard]:-}" ] || continue
+            echo "- $k-$m: ${R[$k-$m,haproxy]:-} / ${R[$k-$m,switchyard]:-}"
+        done
     done
 fi
 if ((${#NOTES[@]})); then
