@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (Debian
-# packages, only those missing: promtool, systemd-analyze, curl, python3,
+# packages, only those missing: promtool, systemd-analyze, curl, python3, openssl,
 # slowhttptest, keepalived, lintian, Chromium and ChromeDriver, PostgreSQL,
 # Redis, MariaDB, dnsmasq; and cargo-deb from crates.io), then runs every
 # test. The database, DNS, browser and HA-pair tests start their own servers
@@ -16,6 +16,7 @@ declare -A needs=(
   [systemd-analyze]=systemd      # verifies deploy/switchyard.service
   [curl]=curl                    # the keepalived readiness check script; HTTPS clients (tests/tls_clients.rs)
   [python3]=python3              # an HTTPS client with Python's ssl (tests/tls_clients.rs)
+  [openssl]=openssl              # s_client sends what other clients will not (tests/tls.rs)
   [slowhttptest]=slowhttptest    # slowloris, slow body and slow read (tests/slow_clients.rs)
   [keepalived]=keepalived        # the active/standby pair (tests/ha_failover.rs)
   [lintian]=lintian              # checks the Debian package (tests/package.rs)

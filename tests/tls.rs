@@ -367,6 +367,56 @@ async fn reload_swaps_the_certificate_for_new_handshakes_and_keeps_open_streams(
     }
 }
 
+/// Scanners and some clients (wrk, given an address) send an IP address
+/// as SNI, which RFC 6066 forbids: the handshake goes on with the default
+/// certificate, and no log line is written for it (one per connection
+/// would flood the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_as_sni_gets_the_default_certificate_and_no_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, der) = ca.leaf(dir.path(), "site", &["site.example.com"], 30);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "{}{}",
+        listener_toml("roundrobin", "", &[b("echo", echo.addr)]),
+        tls_table(&[(cert, key)])
+    );
+    let mut d = Daemon::start(&toml);
+    let proxy = d.addr("l");
+    for _ in 0..3 {
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("openssl")
+                .args(["s_client", "-connect", &proxy.to_string()])
+                .args(["-servername", "127.0.0.1", "-showcerts"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl (Debian's openssl package) runs")
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("CN = site.example.com") || text.contains("BEGIN CERTIFICATE"),
+            "no certificate presented: {text}"
+        );
+    }
+    // Still served the default to a proper client.
+    let (_, presented) = connect(&ca, proxy, "site.example.com", false).await;
+    assert_eq!(presented, der);
+    // Everything logged up to a reload: no line about the SNI.
+    d.signal("HUP");
+    d.log_until(|l| l.contains("configuration reloaded"));
+    let noisy: Vec<&String> = d
+        .raw
+        .iter()
+        .filter(|l| l.contains("SNI") || l.contains("WARN"))
+        .collect();
+    assert!(noisy.is_empty(), "logged: {noisy:?}");
+}
+
 /// Point the symlink `link` at `target` in one step, as certbot renews
 /// `live/` (a new link renamed over the old one).
 fn swap_link(link: &Path, target: &Path) {
