@@ -122,10 +122,9 @@ async fn run(secs: u64, seed: u64) -> Report {
     // state with no client connection open.
     let began = Instant::now();
     let load = Load::start(&targets, &stats, &mut rng);
+    load.allow((secs * 50).clamp(3_000, 30_000));
     chaos.warm_up().await;
-    let warm = Duration::from_secs((secs / 10).clamp(5, 30));
-    // Load pacing: the warm-up's load runs at least this long.
-    tokio::time::sleep_until(began + warm).await;
+    load.made().await;
     load.stop().await;
     chaos.restore().await;
     let ports = chaos.ports();
@@ -140,9 +139,10 @@ async fn run(secs: u64, seed: u64) -> Report {
     let end = Instant::now() + Duration::from_secs(secs);
     let mut pace = rng.fork();
     while Instant::now() < end {
+        // An event while the next 20–150 client connections are made.
+        load.allow(pace.range(20, 150));
         chaos.step().await;
-        // Chaos pacing: an event every 150–900 ms.
-        tokio::time::sleep(Duration::from_millis(pace.range(150, 900))).await;
+        load.made().await;
     }
     load.stop().await;
 

@@ -1,6 +1,9 @@
 //! The soak's client load: a few workers per listener, each a bounded loop
 //! of short-lived client connections (a few request/response round trips
-//! each, a short random pause between connections), all on 127.0.0.1.
+//! each), all on 127.0.0.1. The load makes as many connections as it is
+//! allowed ([`Load::allow`]) and no more: the chaos loop hands out a stretch
+//! at a time and waits until it has been made ([`Load::made`]), so events
+//! and traffic interleave by progress, not by the clock.
 //!
 //! - tcp: read the echo backend's name, then echo 1–4 payloads (1 B to
 //!   16 KiB, now and then 256 KiB) and compare them byte for byte;
@@ -24,6 +27,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -173,29 +177,78 @@ pub struct Targets {
 /// Running workers.
 pub struct Load {
     stop: Arc<AtomicBool>,
+    budget: Arc<Budget>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Connections the workers may still start, and how many have ended.
+struct Budget {
+    permits: Semaphore,
+    allowed: AtomicU64,
+    made: AtomicU64,
+    progress: Notify,
 }
 
 impl Load {
     pub fn start(targets: &Targets, stats: &Arc<Stats>, rng: &mut Rng) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let budget = Arc::new(Budget {
+            permits: Semaphore::new(0),
+            allowed: AtomicU64::new(0),
+            made: AtomicU64::new(0),
+            progress: Notify::new(),
+        });
         let mut tasks = Vec::new();
         for (listener, &n) in WORKERS.iter().enumerate() {
             for w in 0..n {
                 let (stats, stop, rng) = (stats.clone(), stop.clone(), rng.fork());
-                let targets = targets.clone();
+                let (targets, budget) = (targets.clone(), budget.clone());
                 let id = format!("{}{w}", LISTENERS[listener]);
                 tasks.push(tokio::spawn(worker(
-                    listener, id, targets, stats, stop, rng,
+                    listener, id, targets, stats, stop, budget, rng,
                 )));
             }
         }
-        Load { stop, tasks }
+        Load {
+            stop,
+            budget,
+            tasks,
+        }
+    }
+
+    /// Let the workers make `n` more client connections.
+    pub fn allow(&self, n: u64) {
+        self.budget.allowed.fetch_add(n, Relaxed);
+        self.budget.permits.add_permits(n as usize);
+    }
+
+    /// Wait until every connection allowed so far has been made (each
+    /// ends within `OP_TIMEOUT`, so that bounds the wait).
+    pub async fn made(&self) {
+        let deadline = Instant::now() + OP_TIMEOUT + Duration::from_secs(10);
+        loop {
+            let progress = self.budget.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            let (made, allowed) = (
+                self.budget.made.load(Relaxed),
+                self.budget.allowed.load(Relaxed),
+            );
+            if made >= allowed {
+                return;
+            }
+            let moved = tokio::time::timeout_at(deadline, progress).await;
+            assert!(
+                moved.is_ok(),
+                "the load made {made} of the {allowed} connections it was allowed"
+            );
+        }
     }
 
     /// Let each worker finish its connection, and wait for them.
     pub async fn stop(self) {
         self.stop.store(true, Relaxed);
+        self.budget.permits.close();
         for t in self.tasks {
             t.await.expect("load worker");
         }
@@ -208,11 +261,16 @@ async fn worker(
     targets: Targets,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    budget: Arc<Budget>,
     mut rng: Rng,
 ) {
     let addr = targets.addrs[listener];
     let mut n = 0u64;
-    while !stop.load(Relaxed) {
+    while let Ok(permit) = budget.permits.acquire().await {
+        permit.forget();
+        if stop.load(Relaxed) {
+            break;
+        }
         n += 1;
         stats.conns[listener].attempted.fetch_add(1, Relaxed);
         let mut start = Instant::now();
@@ -232,8 +290,8 @@ async fn worker(
             .await
             .unwrap_or_else(|_| Err(Fail::never(format!("no progress for {OP_TIMEOUT:?}"))));
         stats.record(listener, start, backend, result);
-        // Load pacing, not synchronisation.
-        tokio::time::sleep(Duration::from_millis(rng.range(2, 30))).await;
+        budget.made.fetch_add(1, Relaxed);
+        budget.progress.notify_waiters();
     }
 }
 

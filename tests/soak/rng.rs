@@ -1,5 +1,5 @@
 //! A small seeded PRNG (splitmix64): the soak's choices — which backend to
-//! kill, payload sizes, pauses — come from one printed seed, so a run's
+//! kill, payload sizes, stretches of load — come from one printed seed, so a run's
 //! schedule can be asked for again with `SWITCHYARD_SOAK_SEED`.
 
 #[derive(Debug, Clone)]
