@@ -460,7 +460,7 @@ impl Server {
             .unwrap_or_else(tokio::time::Instant::now);
         let span = tracing::debug_span!("conn", listener = %current.settings.name, peer = %frozen.peer, adopted = true);
         let conn = crate::proxy::http::serve(
-            crate::proxy::http::Client::Plain(client),
+            crate::proxy::http::plain(client),
             frozen.peer,
             l.route.clone(),
             self.ctx.clone(),

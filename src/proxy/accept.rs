@@ -101,7 +101,7 @@ pub async fn accept_loop(
                     }
                     Mode::Http => {
                         drop(current);
-                        let client = http::Client::Plain(Prefixed::new(stream, Bytes::new()));
+                        let client = http::plain(Prefixed::new(stream, Bytes::new()));
                         let conn = http::serve(
                             client,
                             peer,

@@ -23,6 +23,13 @@ impl<S> Prefixed<S> {
     pub fn new(stream: S, prefix: Bytes) -> Prefixed<S> {
         Prefixed { prefix, stream }
     }
+
+    /// Read `more` after what is still in front.
+    pub fn push_prefix(&mut self, more: &[u8]) {
+        if !more.is_empty() {
+            self.prefix = [&self.prefix[..], more].concat().into();
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

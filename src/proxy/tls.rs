@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::prefixed::Prefixed;
 use super::queue::Open;
 use super::stream::Stream;
 use super::{ConnContext, Route, http, tcp};
@@ -66,7 +65,7 @@ pub async fn serve(
     drop(shared);
     match mode {
         Mode::Http => {
-            let client = http::Client::Tls(Prefixed::new(tls, Bytes::new()));
+            let client = http::tls(tls);
             http::serve(client, peer, route, ctx, open, started).await;
         }
         Mode::Tcp => {

@@ -51,6 +51,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tracing::debug;
 
 use super::connect::{self, Reached, Unserved};
@@ -80,70 +81,22 @@ pub const MAX_HEADERS: usize = 100;
 /// to the same by backpressure, a stalled reader costs about this twice.
 const MAX_BUF_BYTES: usize = 2 * MAX_HEADER_BYTES;
 
-/// The client side of an HTTP-mode connection, with any bytes read ahead.
-pub enum Client {
-    Plain(Prefixed),
-    /// On a TLS listener: its session keys are in this process, so it is
-    /// never handed over; a WebSocket on it is relayed decrypted.
-    Tls(Prefixed<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>),
+/// The client side of an HTTP-mode connection, with any bytes read ahead:
+/// a TCP socket, or on a TLS listener a TLS stream (its session keys are in
+/// this process, so it is never handed over; a WebSocket on it is relayed
+/// decrypted).
+pub type Client = Prefixed<Either<tokio::net::TcpStream, Box<TlsStream>>>;
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A plain client connection, with what was read of it already.
+pub fn plain(client: Prefixed) -> Client {
+    Prefixed::new(Either::Left(client.stream), client.prefix)
 }
 
-impl Client {
-    fn push_prefix(&mut self, more: &[u8]) {
-        let prefix = match self {
-            Client::Plain(c) => &mut c.prefix,
-            Client::Tls(c) => &mut c.prefix,
-        };
-        if !more.is_empty() {
-            *prefix = [&prefix[..], more].concat().into();
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Client {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Client::Plain(c) => std::pin::Pin::new(c).poll_read(cx, buf),
-            Client::Tls(c) => std::pin::Pin::new(c).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Client {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Client::Plain(c) => std::pin::Pin::new(c).poll_write(cx, buf),
-            Client::Tls(c) => std::pin::Pin::new(c).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Client::Plain(c) => std::pin::Pin::new(c).poll_flush(cx),
-            Client::Tls(c) => std::pin::Pin::new(c).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Client::Plain(c) => std::pin::Pin::new(c).poll_shutdown(cx),
-            Client::Tls(c) => std::pin::Pin::new(c).poll_shutdown(cx),
-        }
-    }
+/// A client connection on a TLS listener, once its handshake is done.
+pub fn tls(stream: Box<TlsStream>) -> Client {
+    Prefixed::new(Either::Right(stream), Bytes::new())
 }
 
 /// Serve one client connection in HTTP mode; `started` is when it was
@@ -175,7 +128,7 @@ pub async fn serve(
     };
     let tunnel = TunnelSlot::default();
     let route_cell = route.clone();
-    let https = matches!(client, Client::Tls(_));
+    let https = matches!(client.stream, Either::Right(_));
     let shared = Arc::new((Forwarding::of(peer.ip(), https), tunnel.clone()));
     let service = service_fn(move |req| {
         let (route, shared) = (route.clone(), shared.clone());
@@ -233,9 +186,11 @@ pub async fn serve(
     // What hyper read past the last request it answered.
     client.push_prefix(&parts.read_buf);
     let pending = tunnel.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let client = match client {
-        Client::Plain(client) => client,
-        Client::Tls(mut client) => {
+    let Prefixed { prefix, stream } = client;
+    let client = match stream {
+        Either::Left(tcp) => Prefixed::new(tcp, prefix),
+        Either::Right(tls) => {
+            let mut client = Prefixed::new(tls, prefix);
             if let Some(t) = pending {
                 t.run_tls(client, open, &route_cell, &ctx, started).await;
                 return;
