@@ -358,12 +358,7 @@ async fn reload_swaps_the_certificate_for_new_handshakes_and_keeps_open_streams(
     // The stream opened before both reloads is untouched.
     for round in 0..20u8 {
         let msg = [round; 1000];
-        open.write_all(&msg).await.unwrap();
-        let mut back = [0u8; 1000];
-        within("echo after the reloads", open.read_exact(&mut back))
-            .await
-            .unwrap();
-        assert_eq!(back, msg);
+        assert_eq!(echo_tls(&mut open, &msg).await, msg, "after the reloads");
     }
 }
 
@@ -483,12 +478,7 @@ async fn watch_follows_a_renewed_certificate_behind_a_symlink() {
     // The connection made before the renewal still streams.
     for round in 0..10u8 {
         let msg = [round; 4096];
-        open.write_all(&msg).await.unwrap();
-        let mut back = [0u8; 4096];
-        within("echo after the renewal", open.read_exact(&mut back))
-            .await
-            .unwrap();
-        assert_eq!(back, msg);
+        assert_eq!(echo_tls(&mut open, &msg).await, msg, "after the renewal");
     }
 }
 

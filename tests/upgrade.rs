@@ -764,16 +764,6 @@ async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     String::from_utf8(got).unwrap()
 }
 
-/// Write `msg` over TLS and read as many bytes back.
-async fn echo_tls(s: &mut common::tls::Tls, msg: &[u8]) -> Vec<u8> {
-    s.write_all(msg).await.unwrap();
-    let mut back = vec![0; msg.len()];
-    within("the echo over TLS", s.read_exact(&mut back))
-        .await
-        .unwrap();
-    back
-}
-
 /// A TLS connection's session keys are in the process that made the
 /// handshake, so it stays there: the new process takes everything else
 /// over at once (listeners, plain connections, counters, the admin
@@ -781,7 +771,7 @@ async fn echo_tls(s: &mut common::tls::Tls, msg: &[u8]) -> Vec<u8> {
 /// exits 0 and passes on what that stream counted meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_streams_finish_in_the_old_process_while_the_new_one_serves_the_rest() {
-    use common::tls::{Ca, connect, tls_table};
+    use common::tls::{Ca, connect, echo_tls, tls_table};
     let exe = Exe::new();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new();

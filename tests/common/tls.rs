@@ -100,3 +100,14 @@ pub fn tls_table(files: &[(PathBuf, PathBuf)]) -> String {
     }
     s + "]\n"
 }
+
+/// Write `msg` over TLS and read as many bytes back.
+pub async fn echo_tls(s: &mut Tls, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    within("the echo over TLS", s.read_exact(&mut back))
+        .await
+        .unwrap();
+    back
+}
