@@ -287,49 +287,6 @@ async fn raising_the_listener_cap_by_reload_resumes_accepting_at_once() {
     assert_eq!(line, "db\n");
 }
 
-/// Keepalive timers, from `ss`, of the established TCP sockets to `peer`
-/// (and from `local`, if given): the seconds left, or `None` for a socket
-/// without one.
-fn keepalive_timers(local: Option<SocketAddr>, peer: SocketAddr) -> Vec<Option<u64>> {
-    let out = std::process::Command::new("ss")
-        .args(["-tnoH", "state", "established"])
-        .output()
-        .expect("ss (iproute2) runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() >= 4
-                && local.is_none_or(|local| cols[2] == local.to_string())
-                && cols[3] == peer.to_string()
-        })
-        .map(|l| {
-            let start = l.find("timer:(keepalive,")? + "timer:(keepalive,".len();
-            let secs: String = l[start..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            secs.parse().ok()
-        })
-        .collect()
-}
-
-/// The `ss` line of the established socket from `local` to `peer`.
-fn ss_line(local: SocketAddr, peer: SocketAddr) -> String {
-    let out = std::process::Command::new("ss")
-        .args(["-tnoH", "state", "established"])
-        .output()
-        .expect("ss (iproute2) runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() >= 4 && cols[2] == local.to_string() && cols[3] == peer.to_string()
-        })
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// TCP keepalive reaches both sockets of a proxied connection: the client
 /// side from the listener (its accepted sockets inherit it), the backend
 /// side once the connection has lived a second; a reload that turns it

@@ -412,6 +412,38 @@ async fn an_address_as_sni_gets_the_default_certificate_and_no_log_line() {
     assert!(noisy.is_empty(), "logged: {noisy:?}");
 }
 
+/// A tcp-mode TLS connection's backend socket gets the listener's TCP
+/// keepalive, as a plain tcp connection's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_socket_of_a_tls_stream_has_the_listeners_keepalive() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(dir.path(), "site", &["site.example.com"], 30);
+    let echo = NamedBackend::start("echo").await;
+    let toml = format!(
+        "{}{}",
+        listener_toml(
+            "roundrobin",
+            "keepalive_idle = \"42s\"\nkeepalive_interval = \"7s\"\n",
+            &[b("echo", echo.addr)]
+        ),
+        tls_table(&[(cert, key)])
+    );
+    let d = Daemon::start(&toml);
+    let (mut tls, _) = connect(&ca, d.addr("l"), "site.example.com", true).await;
+    assert_eq!(read_line(&mut tls).await, "echo");
+    // The only established socket to the backend is this stream's.
+    let mut timers = Vec::new();
+    wait_for("keepalive on the backend socket", || {
+        timers = keepalive_timers(None, echo.addr);
+        timers.iter().any(Option::is_some)
+    })
+    .await;
+    assert_eq!(timers.len(), 1, "{timers:?}");
+    let left = timers[0].unwrap();
+    assert!((30..=42).contains(&left), "{left} s left of 42");
+}
+
 /// Point the symlink `link` at `target` in one step, as certbot renews
 /// `live/` (a new link renamed over the old one).
 fn swap_link(link: &Path, target: &Path) {

@@ -69,12 +69,21 @@ pub async fn serve(
             http::serve(client, peer, route, ctx, open, started).await;
         }
         Mode::Tcp => {
-            let route = route.load_full();
+            // The task keeps only what the stream uses, not the listener's
+            // route or the server's context.
+            let (abort, cell) = (ctx.abort.clone(), route);
+            drop(ctx);
+            let route = cell.load_full();
+            drop(cell);
             let local = || tls.get_ref().0.local_addr().ok();
-            let abort = ctx.abort.clone();
             let Some(placed) = tcp::reach_for(&route, peer, local, &abort).await else {
                 return;
             };
+            // A plain tcp connection's relay turns keepalive on once it
+            // has lived a second; this one is worth a handshake already.
+            if let Some(k) = route.settings.keepalive {
+                crate::sockets::set_keepalive(&placed.upstream, k);
+            }
             let stream = Stream {
                 idle: route.settings.idle_timeout,
                 duration: route.shared.metrics.connection_duration.clone(),

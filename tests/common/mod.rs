@@ -1051,3 +1051,46 @@ pub async fn status_backends(
         .map(|b| (b["name"].as_str().unwrap().to_owned(), b.clone()))
         .collect()
 }
+
+/// Keepalive timers, from `ss`, of the established TCP sockets to `peer`
+/// (and from `local`, if given): the seconds left, or `None` for a socket
+/// without one.
+pub fn keepalive_timers(local: Option<SocketAddr>, peer: SocketAddr) -> Vec<Option<u64>> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4
+                && local.is_none_or(|local| cols[2] == local.to_string())
+                && cols[3] == peer.to_string()
+        })
+        .map(|l| {
+            let start = l.find("timer:(keepalive,")? + "timer:(keepalive,".len();
+            let secs: String = l[start..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            secs.parse().ok()
+        })
+        .collect()
+}
+
+/// The `ss` line of the established socket from `local` to `peer`.
+pub fn ss_line(local: SocketAddr, peer: SocketAddr) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() >= 4 && cols[2] == local.to_string() && cols[3] == peer.to_string()
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
