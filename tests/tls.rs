@@ -170,7 +170,8 @@ async fn https_keeps_lbcookie_stickiness_and_says_https_to_the_backend() {
     async fn get(tls: &mut Tls, cookie: Option<&str>) -> String {
         let cookie = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
         let req = format!(
-            "GET /x HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-Proto: http\r\n{cookie}\r\n"
+            "GET /x HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-Proto: http\r\n\
+             Forwarded: for=192.0.2.1;proto=http\r\n{cookie}\r\n"
         );
         tls.write_all(req.as_bytes()).await.unwrap();
         // Headers, then a Content-Length body.
@@ -218,9 +219,10 @@ async fn https_keeps_lbcookie_stickiness_and_says_https_to_the_backend() {
         "https",
         "the client's claim is replaced"
     );
-    assert!(
-        header(&first, "x-seen-forwarded").ends_with(";proto=https"),
-        "{first}"
+    assert_eq!(
+        header(&first, "x-seen-forwarded"),
+        "for=127.0.0.1;proto=https",
+        "the client's Forwarded is replaced"
     );
     let set_cookie = header(&first, "set-cookie");
     let pinned_to = header(&first, "x-backend");

@@ -626,8 +626,9 @@ struct Forwarding {
     xff: Option<HeaderValue>,
     /// `Forwarded: for=<client>;proto=http` (or `https`).
     forwarded: Option<HeaderValue>,
-    /// A TLS listener's: `X-Forwarded-Proto: https`, replacing any the
-    /// client sent (it could claim a protection it does not have).
+    /// A TLS listener's: `X-Forwarded-Proto: https` and `Forwarded`,
+    /// replacing any the client sent (it could claim a protection it does
+    /// not have).
     https: bool,
 }
 
@@ -677,6 +678,12 @@ fn prepare_request(req: &mut Request<Incoming>, forwarding: &Forwarding, upgrade
         headers.insert(proto, HeaderValue::from_static("https"));
     } else if !headers.contains_key(&proto) {
         headers.insert(proto, HeaderValue::from_static("http"));
+    }
+    // Ours follows any the client sent; on a TLS listener it replaces
+    // them, as X-Forwarded-Proto does (a client could claim `proto=https`
+    // for an element of its own).
+    if forwarding.https {
+        headers.remove(header::FORWARDED);
     }
     if let Some(v) = forwarding.forwarded.clone() {
         headers.append(header::FORWARDED, v);
