@@ -135,6 +135,9 @@ impl Terminator {
             fingerprint.update(bytes);
             certificates.push(cert);
         }
+        // The ALPN choice is part of what was loaded (http mode offers
+        // http/1.1, tcp mode nothing).
+        fingerprint.update([u8::from(http)]);
         let certificates: Arc<[Certificate]> = certificates.into();
         let versions: &[&'static rustls::SupportedProtocolVersion] = match min_version {
             MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],

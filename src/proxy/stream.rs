@@ -14,25 +14,47 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::Route;
 use super::queue::{Open, Slot};
 use crate::sync::Tripwire;
 
 /// A decrypted stream's life beside its backend connection: what it holds
 /// while the bytes flow.
 pub struct Stream {
-    pub idle: Duration,
-    pub duration: Histogram,
-    pub started: Instant,
-    pub slot: Slot,
+    idle: Duration,
+    duration: Histogram,
+    started: Instant,
+    slot: Slot,
     /// The backend marked down (`on_marked_down = "shutdown"`), or the
     /// shutdown grace over.
-    pub cut: Tripwire,
+    cut: Tripwire,
     /// The shutdown grace over (a live upgrade's included).
-    pub abort: Tripwire,
-    pub _open: Open,
+    abort: Tripwire,
+    _open: Open,
 }
 
 impl Stream {
+    /// What a stream on `route`'s listener holds: its idle timeout and
+    /// duration histogram, its backend's slot and cut wire.
+    pub fn new(
+        route: &Route,
+        slot: Slot,
+        cut: Tripwire,
+        abort: Tripwire,
+        open: Open,
+        started: Instant,
+    ) -> Stream {
+        Stream {
+            idle: route.settings.idle_timeout,
+            duration: route.shared.metrics.connection_duration.clone(),
+            started,
+            slot,
+            cut,
+            abort,
+            _open: open,
+        }
+    }
+
     /// Relay between `client` and `upstream`, each direction first
     /// sending what was read ahead (`c2b`, `b2c`): the client's end of
     /// stream (close_notify, or a bare FIN) reaches the backend as a FIN,

@@ -84,15 +84,7 @@ pub async fn serve(
             if let Some(k) = route.settings.keepalive {
                 crate::sockets::set_keepalive(&placed.upstream, k);
             }
-            let stream = Stream {
-                idle: route.settings.idle_timeout,
-                duration: route.shared.metrics.connection_duration.clone(),
-                started,
-                slot: placed.slot,
-                cut: placed.cut,
-                abort,
-                _open: open,
-            };
+            let stream = Stream::new(&route, placed.slot, placed.cut, abort, open, started);
             drop(route);
             let end = stream
                 .relay(tls, placed.upstream, Bytes::new(), Bytes::new())

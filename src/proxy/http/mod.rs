@@ -544,18 +544,9 @@ impl Tunnel {
             debug!("upgraded backend connection is not a TCP stream");
             return;
         };
-        let stream = {
-            let route = route.load();
-            super::stream::Stream {
-                idle: route.settings.idle_timeout,
-                duration: route.shared.metrics.connection_duration.clone(),
-                started,
-                slot: self.slot,
-                cut: self.cut,
-                abort: ctx.abort.clone(),
-                _open: open,
-            }
-        };
+        let abort = ctx.abort.clone();
+        let stream =
+            super::stream::Stream::new(&route.load(), self.slot, self.cut, abort, open, started);
         let end = stream
             .relay(
                 client.stream,
