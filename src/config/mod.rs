@@ -469,10 +469,13 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Whether this is about a listener's certificate or key file (which
-    /// a renewal may be rewriting right now), not about the config itself.
+    /// Whether this is about what a listener's certificate or key file
+    /// holds (which a renewal may be rewriting right now), not about the
+    /// config itself (a certificates entry without a `key` is the config's).
     pub fn is_certificate_file(&self) -> bool {
-        matches!(self, ConfigError::Invalid { field, .. } if field.contains(".tls.certificates["))
+        matches!(self, ConfigError::Invalid { field, .. }
+            if field.contains(".tls.certificates[")
+                && (field.ends_with("].cert: ") || field.ends_with("].key: ")))
     }
 }
 
