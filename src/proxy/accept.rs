@@ -87,9 +87,11 @@ pub async fn accept_loop(
                 }
                 let open = current.shared.open.enter();
                 let span = debug_span!("conn", listener = %settings.name, %peer);
-                if settings.tls.is_some() {
+                if let Some(tls) = &settings.tls {
+                    let (config, mode) = (tls.config.clone(), settings.mode);
                     drop(current);
-                    let conn = super::tls::serve(stream, peer, route.clone(), ctx.clone(), open);
+                    let (route, conn_ctx) = (route.clone(), ctx.clone());
+                    let conn = super::tls::serve(stream, peer, config, mode, route, conn_ctx, open);
                     ctx.kept.spawn(conn.instrument(span));
                     continue;
                 }

@@ -28,21 +28,13 @@ use crate::tls::{Handshake, handshake};
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    mode: Mode,
     route: Arc<ArcSwap<Route>>,
     ctx: ConnContext,
     open: Open,
 ) {
     let started = Instant::now();
-    let (config, shared, mode, name) = {
-        let r = route.load();
-        let Some(tls) = &r.settings.tls else { return };
-        (
-            tls.config.clone(),
-            r.shared.clone(),
-            r.settings.mode,
-            r.settings.name.clone(),
-        )
-    };
     let done = tokio::select! {
         biased;
         () = ctx.abort.tripped() => return,
@@ -52,17 +44,17 @@ pub async fn serve(
         Handshake::Done(tls) => tls,
         Handshake::Silent => return,
         Handshake::Failed(error) => {
-            shared.metrics.tls_failure.inc();
+            let r = route.load();
+            r.shared.metrics.tls_failure.inc();
             debug!(error, "TLS handshake failed");
-            if let Some((count, last)) = shared.tls_failures.note(error) {
-                info!(listener = %name, failed = count, last_error = %last,
+            if let Some((count, last)) = r.shared.tls_failures.note(error) {
+                info!(listener = %r.settings.name, failed = count, last_error = %last,
                     "TLS handshakes failed (summed up at most once a minute)");
             }
             return;
         }
     };
-    shared.metrics.tls_success.inc();
-    drop(shared);
+    route.load().shared.metrics.tls_success.inc();
     match mode {
         Mode::Http => {
             let client = http::tls(tls);
