@@ -592,12 +592,10 @@ impl Metrics {
                 self.http_requests.clone(),
                 (listener.into(), "".into()),
             )),
-            tls_success: self
-                .tls_handshakes
-                .with_label_values(&[listener, "success"]),
-            tls_failure: self
-                .tls_handshakes
-                .with_label_values(&[listener, "failure"]),
+            tls: TlsHandshakes {
+                family: self.tls_handshakes.clone(),
+                listener: listener.into(),
+            },
         }
     }
 
@@ -619,6 +617,15 @@ impl Metrics {
                     self.tls_expiry.with_label_values(&[listener, name]).set(at);
                     now.push(name.clone());
                 }
+            }
+        }
+        // Handshakes are counted for TLS listeners only; theirs read 0
+        // from the start, a plain listener has none.
+        for result in ["success", "failure"] {
+            if certs.is_empty() {
+                let _ = self.tls_handshakes.remove_label_values(&[listener, result]);
+            } else {
+                self.tls_handshakes.with_label_values(&[listener, result]);
             }
         }
         if !now.is_empty() {
@@ -940,8 +947,25 @@ pub struct ListenerMetrics {
     pub accept_paused: IntCounter,
     /// HTTP responses that no backend produced (503, 502), `backend=""`.
     pub http_unrouted: Arc<HttpCodes>,
-    pub tls_success: IntCounter,
-    pub tls_failure: IntCounter,
+    pub tls: TlsHandshakes,
+}
+
+/// A listener's TLS handshake counts. Looked up per handshake (a TLS
+/// listener's series exist from its load, a plain one's never), so a
+/// reload that turns TLS on or off needs no new handles.
+#[derive(Debug, Clone)]
+pub struct TlsHandshakes {
+    family: IntCounterVec,
+    listener: Arc<str>,
+}
+
+impl TlsHandshakes {
+    pub fn count(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.family
+            .with_label_values(&[&*self.listener, result])
+            .inc();
+    }
 }
 
 impl ListenerMetrics {

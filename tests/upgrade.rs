@@ -786,6 +786,21 @@ async fn tls_streams_finish_in_the_old_process_while_the_new_one_serves_the_rest
     );
     let mut d = block_in_place(|| exe.start(&toml));
     let (tls_addr, plain_addr, admin) = (d.addr("t"), d.addr("p"), d.admin.unwrap());
+    // Handshakes are counted on the TLS listener only, from 0.
+    let s = scrape(admin).await;
+    let handshakes = |l: &str, result: &str| {
+        sample_value(
+            &s,
+            "switchyard_tls_handshakes_total",
+            &[("listener", l), ("result", result)],
+        )
+    };
+    assert_eq!(handshakes("t", "failure"), Some(0.0));
+    assert_eq!(
+        handshakes("p", "success"),
+        None,
+        "a plain listener counts no handshakes"
+    );
     let mut sent = 0usize; // plaintext, client to backend, on listener t
     let (mut kept, _) = connect(&ca, tls_addr, "site.example.com", true).await;
     let mut name = [0u8; 5];

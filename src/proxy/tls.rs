@@ -45,7 +45,7 @@ pub async fn serve(
         Handshake::Silent => return,
         Handshake::Failed(error) => {
             let r = route.load();
-            r.shared.metrics.tls_failure.inc();
+            r.shared.metrics.tls.count(false);
             debug!(error, "TLS handshake failed");
             if let Some((count, last)) = r.shared.tls_failures.note(error) {
                 info!(listener = %r.settings.name, failed = count, last_error = %last,
@@ -54,7 +54,7 @@ pub async fn serve(
             return;
         }
     };
-    route.load().shared.metrics.tls_success.inc();
+    route.load().shared.metrics.tls.count(true);
     match mode {
         Mode::Http => {
             let client = http::tls(tls);
