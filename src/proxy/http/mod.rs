@@ -490,26 +490,19 @@ impl Tunnel {
     /// a client connection): the same relay, counters and cut, and a live
     /// upgrade hands it over like any tcp connection.
     async fn run(self, client: Prefixed, open: Open, route: &ArcSwap<Route>, started: Instant) {
-        let Ok(backend) = self.backend.await else {
-            debug!("upgrade did not complete");
-            return;
-        };
-        // The backend connection is ours (made by `connect`): its socket,
-        // and what hyper read past the 101.
-        let Ok(parts) = backend.downcast::<TokioIo<tokio::net::TcpStream>>() else {
-            debug!("upgraded backend connection is not a TCP stream");
+        let Some((upstream, read_ahead)) = upgraded(self.backend).await else {
             return;
         };
         let route = route.load();
         let conn = super::tcp::established(super::tcp::Established {
             client: client.stream,
-            upstream: parts.io.into_inner(),
+            upstream,
             c2b: Pending {
                 bytes: client.prefix.to_vec(),
                 done: false,
             },
             b2c: Pending {
-                bytes: parts.read_buf.to_vec(),
+                bytes: read_ahead.to_vec(),
                 done: false,
             },
             idle: route.settings.idle_timeout,
@@ -536,27 +529,32 @@ impl Tunnel {
         ctx: &ConnContext,
         started: Instant,
     ) {
-        let Ok(backend) = self.backend.await else {
-            debug!("upgrade did not complete");
-            return;
-        };
-        let Ok(parts) = backend.downcast::<TokioIo<tokio::net::TcpStream>>() else {
-            debug!("upgraded backend connection is not a TCP stream");
+        let Some((upstream, read_ahead)) = upgraded(self.backend).await else {
             return;
         };
         let abort = ctx.abort.clone();
         let stream =
             super::stream::Stream::new(&route.load(), self.slot, self.cut, abort, open, started);
         let end = stream
-            .relay(
-                client.stream,
-                parts.io.into_inner(),
-                client.prefix,
-                parts.read_buf,
-            )
+            .relay(client.stream, upstream, client.prefix, read_ahead)
             .await;
         debug!(end, "tunnel ended");
     }
+}
+
+/// The backend's side of an upgraded connection, once its 101 has been
+/// read: its socket (ours, made by `connect`) and what hyper read past the
+/// 101.
+async fn upgraded(backend: hyper::upgrade::OnUpgrade) -> Option<(tokio::net::TcpStream, Bytes)> {
+    let Ok(backend) = backend.await else {
+        debug!("upgrade did not complete");
+        return None;
+    };
+    let Ok(parts) = backend.downcast::<TokioIo<tokio::net::TcpStream>>() else {
+        debug!("upgraded backend connection is not a TCP stream");
+        return None;
+    };
+    Some((parts.io.into_inner(), parts.read_buf))
 }
 
 /// Whether the client asks to switch protocols (WebSocket and the like).
